@@ -1,0 +1,15 @@
+"""shared_backbone: cheap ensembles and multi-task adapters on one shared, frozen backbone."""
+__version__ = "0.1.0"
+
+from .backbones import Backbone, backbone_config, build_backbone, list_backbones, register_backbone
+from .frozen import INIT_SCHEMES, FingerprintMismatch, FrozenBackbone
+from .slices import BatchNorm, Blocks, Filters, Full, Head, Pointwise, SliceSpec, parse_spec, resolve
+from .ensemble import Ensemble
+from .describe import describe
+
+__all__ = [
+    "__version__", "Backbone", "build_backbone", "list_backbones", "register_backbone", "backbone_config",
+    "FrozenBackbone", "FingerprintMismatch", "INIT_SCHEMES",
+    "SliceSpec", "Filters", "BatchNorm", "Blocks", "Pointwise", "Head", "Full", "parse_spec", "resolve",
+    "Ensemble", "describe",
+]

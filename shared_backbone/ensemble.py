@@ -1,0 +1,270 @@
+"""K members over one frozen backbone, run in one vmapped call."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .frozen import FrozenBackbone, init_module
+from .slices import SliceLayout, SliceSpec, resolve
+from ._split import build_template, merge_param, template_key
+
+__all__ = ["Ensemble", "MemberStack"]
+
+_BN = nn.modules.batchnorm._NormBase
+_DATA_MODES = ("shared", "own")
+
+
+def _esc(name: str) -> str:
+    return name.replace(".", "::")
+
+
+def _unesc(name: str) -> str:
+    return name.replace("::", ".")
+
+
+class _Tensors(nn.Module):
+    """Named tensors (dotted names allowed) registered as buffers so they follow ``.to()``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], persistent: bool):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(_esc(name), t, persistent=persistent)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {_unesc(n): b for n, b in self.named_buffers(recurse=False)}
+
+
+def _stage_of(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] != "stages":
+        raise ValueError(f"parameter {name!r} is outside the backbone's stages")
+    return parts[1]
+
+
+class MemberStack(nn.Module):
+    """The machinery shared by ensembles and adapter banks: K slices of one layout, vmapped.
+
+    Holds the frozen tensors (unbatched, never trained), the K stacked slices (``nn.Parameter``
+    of shape ``(K, *learned_shape)``) and the BatchNorm statistics: one copy for stages every
+    member sees the same input in, one per member after that. The template module that
+    ``functional_call`` runs is kept on the meta device and is not registered.
+    """
+
+    def __init__(self, frozen: FrozenBackbone, layout: SliceLayout, members: int, *, data: str = "shared"):
+        super().__init__()
+        if not isinstance(members, int) or members < 1:
+            raise ValueError(f"members must be a positive integer (K >= 1), got {members!r}")
+        if data not in _DATA_MODES:
+            raise ValueError(f"data must be one of {_DATA_MODES}, got {data!r}")
+        bb = frozen.backbone
+        self.frozen_ref = frozen.fingerprint
+        self.members, self.layout, self.data = members, layout, data
+        self.in_channels = getattr(bb, "in_channels", None)
+        stages = list(bb.stages.keys())
+        owned = {_stage_of(n) for n in layout}
+        first = 0 if data == "own" else min(stages.index(s) for s in owned)
+        self.prefix_stages, self.member_stages = stages[:first], stages[first:]
+        object.__setattr__(self, "_template", build_template(bb, layout))
+        self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in bb.modules())
+
+        params = dict(bb.named_parameters())
+        bn_buffers = {
+            f"{mn}.{bn}": b
+            for mn, m in bb.named_modules() if isinstance(m, _BN)
+            for bn, b in m.named_buffers(recurse=False)
+        }
+        member_region = tuple(f"stages.{s}." for s in self.member_stages)
+        fixed, shared_stats, member_stats = {}, {}, {}
+        for name, t in {**params, **dict(bb.named_buffers())}.items():
+            if name in bn_buffers:
+                target = member_stats if name.startswith(member_region) else shared_stats
+                target[name] = t.detach().clone()
+            elif name not in layout:
+                fixed[name] = t.detach()
+            elif not layout[name].whole:
+                sl = layout[name]
+                fixed[template_key(name, sl, "fixed")] = t.detach().narrow(sl.dim, sl.n, t.shape[sl.dim] - sl.n)
+        self.fixed = _Tensors(fixed, persistent=False)
+        self.shared_stats = _Tensors(shared_stats, persistent=True)
+        self.member_stats = _Tensors(
+            {n: t.unsqueeze(0).repeat(members, *[1] * t.dim()) for n, t in member_stats.items()}, persistent=True
+        )
+        self.slices = nn.ParameterDict(
+            {_esc(n): nn.Parameter(_rows(params[n], sl).unsqueeze(0).repeat(members, *[1] * params[n].dim()).clone())
+             for n, sl in layout.items()}
+        )
+        self._keys = {n: template_key(n, sl, "learned") for n, sl in layout.items()}
+
+    # -- state --------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "MemberStack":
+        super().train(mode)
+        self._template.train(mode)
+        return self
+
+    def slice_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Member ``i``'s learned tensors by backbone parameter name."""
+        self._check_member(i)
+        return {_unesc(n): p[i] for n, p in self.slices.items()}
+
+    def stats_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Member ``i``'s BatchNorm statistics (its own, then the shared ones)."""
+        self._check_member(i)
+        out = {n: b[i] for n, b in self.member_stats.as_dict().items()}
+        out.update(self.shared_stats.as_dict())
+        return out
+
+    @torch.no_grad()
+    def set_member(self, i: int, slice_: dict[str, torch.Tensor], stats: dict[str, torch.Tensor] | None = None) -> None:
+        """Write member ``i``'s slice (and statistics) in place."""
+        self._check_member(i)
+        want = set(self.layout)
+        if set(slice_) != want:
+            raise ValueError(
+                f"slice does not match the spec: missing {sorted(want - set(slice_))[:4]}, "
+                f"unexpected {sorted(set(slice_) - want)[:4]}"
+            )
+        for n, t in slice_.items():
+            dst = self.slices[_esc(n)][i]
+            if dst.shape != t.shape:
+                raise ValueError(f"slice tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(t)
+        for n, t in (stats or {}).items():
+            mine = self.member_stats.as_dict()
+            if n in mine:
+                mine[n][i].copy_(t)
+            elif n in self.shared_stats.as_dict():
+                self.shared_stats.as_dict()[n].copy_(t)
+
+    def _check_member(self, i: int) -> None:
+        if not (isinstance(i, int) and 0 <= i < self.members):
+            raise IndexError(f"member index must be in [0, {self.members}), got {i!r}")
+
+    # -- forward ------------------------------------------------------------------------------
+    def _run(self, stages: Iterable[str], tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        for s in stages:
+            p = f"stages.{s}."
+            sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+            h = functional_call(self._template.stages[s], sub, (h,))
+        return h
+
+    def _member_forward(self, slices: dict, stats: dict, h: torch.Tensor) -> torch.Tensor:
+        """One member, unbatched: its slice and statistics over the fixed tensors."""
+        tensors = dict(self._fixed_cache)
+        tensors.update(stats)
+        tensors.update({self._keys[_unesc(n)]: t for n, t in slices.items()})
+        return self._run(self.member_stages, tensors, h)
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages no member owns, run once. Shape: ``(N, C, H, W) -> features``."""
+        tensors = {**self.fixed.as_dict(), **self.shared_stats.as_dict()}
+        return self._run(self.prefix_stages, tensors, x)
+
+    def forward_members(self, h: torch.Tensor, *, vectorized: bool = True) -> torch.Tensor:
+        """Members' stages on features ``h`` (shared ``(N, ...)`` or per member ``(K, N, ...)``).
+
+        Shape: -> ``(K, N, C)``.
+        """
+        self._fixed_cache = self.fixed.as_dict()
+        slices = dict(self.slices.items())
+        stats = {n: b for n, b in self.member_stats.named_buffers(recurse=False)}
+        stats = {_unesc(n): b for n, b in stats.items()}
+        h_dim = 0 if self.data == "own" else None
+        try:
+            if vectorized:
+                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim),
+                          randomness="different" if self._has_dropout else "error")
+                return fn(slices, stats, h)
+            outs = []
+            for i in range(self.members):
+                hi = h[i] if h_dim == 0 else h
+                outs.append(self._member_forward({n: p[i] for n, p in slices.items()},
+                                                 {n: b[i] for n, b in stats.items()}, hi))
+            return torch.stack(outs)
+        finally:
+            self._fixed_cache = {}
+
+    def check_input(self, x: torch.Tensor) -> None:
+        want = 5 if self.data == "own" else 4
+        shape = "(K, N, C, H, W)" if self.data == "own" else "(N, C, H, W)"
+        if x.dim() != want or (self.in_channels and x.shape[want - 3] != self.in_channels):
+            raise ValueError(f"expected input of shape {shape} with C={self.in_channels}, got {tuple(x.shape)}")
+        if self.data == "own" and x.shape[0] != self.members:
+            raise ValueError(f"data='own' expects one batch per member, leading dim {self.members}, got {x.shape[0]}")
+
+    def forward(self, x: torch.Tensor, *, vectorized: bool = True) -> torch.Tensor:
+        """Shape: ``(N, C, H, W)`` (or ``(K, N, C, H, W)`` with ``data="own"``) -> ``(K, N, classes)``."""
+        self.check_input(x)
+        h = x if self.data == "own" else self.prefix(x)
+        return self.forward_members(h, vectorized=vectorized)
+
+
+def _rows(t: torch.Tensor, sl) -> torch.Tensor:
+    return t.detach() if sl.whole else t.detach().narrow(sl.dim, 0, sl.n)
+
+
+class Ensemble(MemberStack):
+    """K cheap ensemble members sharing one frozen backbone, each learning ``spec``.
+
+    Args:
+        frozen: the shared :class:`FrozenBackbone`.
+        spec: what every member learns, e.g. ``Filters(0.1) + BatchNorm() + Head()``.
+        members: K.
+        member_init: ``"random"`` (each member's slice drawn afresh with the backbone's init
+            scheme, seeded by ``seed`` and its index) or ``"backbone"`` (start from the frozen
+            values, e.g. after a warm start; members then differ through their data order).
+        data: ``"shared"`` (every member sees the same batch, shared prefix runs once) or
+            ``"own"`` (input ``(K, N, ...)``: own shuffles or bootstrap samples).
+
+    Shape:
+        ``ens(x)``: ``(N, C, H, W) -> (K, N, classes)``.
+    """
+
+    def __init__(self, frozen: FrozenBackbone, spec: SliceSpec, members: int = 8, *,
+                 member_init: str = "random", seed: int = 0, data: str = "shared"):
+        layout = resolve(spec, frozen.backbone)
+        super().__init__(frozen, layout, members, data=data)
+        self.spec, self.frozen, self.seed = spec, frozen, seed
+        self.member_init = member_init
+        if member_init == "random":
+            self._init_members(frozen, seed)
+        elif member_init != "backbone":
+            raise ValueError(f"member_init must be 'random' or 'backbone', got {member_init!r}")
+
+    @torch.no_grad()
+    def _init_members(self, frozen: FrozenBackbone, seed: int) -> None:
+        scheme = frozen.init if frozen.regenerable else "default"
+        for i in range(self.members):
+            fresh = init_module(copy.deepcopy(frozen.backbone), scheme, seed=1_000_003 * (seed + 1) + i)
+            params = dict(fresh.named_parameters())
+            for n, sl in self.layout.items():
+                self.slices[_esc(n)][i].copy_(_rows(params[n], sl))
+
+    def member(self, i: int) -> nn.Module:
+        """A plain ``nn.Module`` (the backbone's own class) with member ``i``'s merged weights."""
+        model = copy.deepcopy(self.frozen.backbone).to(next(iter(self.slices.values())).device)
+        learned = self.slice_of(i)
+        state = {}
+        for n, t in model.state_dict().items():
+            if n in learned:
+                state[n] = merge_param(t, learned[n].detach(), self.layout[n])
+            else:
+                state[n] = t
+        state.update({n: t.detach() for n, t in self.stats_of(i).items()})
+        model.load_state_dict(state)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.train(self.training)
+
+    def combine(self, logits: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        """Ensemble prediction from member logits. Shape: ``(K, N, C) -> (N, C)`` probabilities."""
+        from .metrics import ensemble_probs
+
+        return ensemble_probs(logits, combine=how)
+
+    def extra_repr(self) -> str:
+        return (f"members={self.members}, spec={self.spec!r}, data={self.data!r}, "
+                f"shared_prefix={self.prefix_stages}, learned_per_member={self.layout.numel(self.frozen.backbone):,}")

@@ -1,0 +1,204 @@
+"""The frozen state: every tensor that ensemble members and tasks share.
+
+A :class:`FrozenBackbone` is regenerated exactly from a small recipe (architecture, config,
+seed, init scheme) or taken from a (partially) trained checkpoint. Its fingerprint, a hash of
+the frozen tensors, travels with every saved slice so a slice never lands on the wrong backbone.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, build_backbone
+
+__all__ = ["FrozenBackbone", "INIT_SCHEMES", "init_module", "fingerprint_tensors", "FingerprintMismatch"]
+
+FORMAT_VERSION = 1
+
+
+class FingerprintMismatch(ValueError):
+    """A slice, adapter or checkpoint was made for a different frozen backbone."""
+
+
+def _init_default(m: nn.Module) -> None:
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+
+
+def _scheme(weight_fn: Callable[[torch.Tensor], None]) -> Callable[[nn.Module], None]:
+    def init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            weight_fn(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            m.reset_parameters()
+
+    return init
+
+
+INIT_SCHEMES: dict[str, Callable[[nn.Module], None]] = {
+    # PyTorch's per-layer default: U[-a, a], a = 1/sqrt(fan_in) (the LC paper's init)
+    "default": _init_default,
+    "kaiming_uniform": _scheme(lambda w: nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")),
+    "kaiming_normal": _scheme(lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")),
+    "xavier_uniform": _scheme(nn.init.xavier_uniform_),
+    "xavier_normal": _scheme(nn.init.xavier_normal_),
+    "orthogonal": _scheme(nn.init.orthogonal_),
+}
+
+
+def init_module(module: nn.Module, init: str, seed: int) -> nn.Module:
+    """Re-initialise every layer of ``module`` in place, deterministically from ``seed``."""
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"unknown init {init!r}; available: {', '.join(INIT_SCHEMES)}")
+    fn = INIT_SCHEMES[init]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in module.modules():
+            fn(m)
+    return module
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short sha256 over names, dtypes, shapes and bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()[:16]
+
+
+class FrozenBackbone:
+    """A backbone whose every tensor is frozen and shared.
+
+    Args:
+        backbone: a module from :func:`~shared_backbone.build_backbone`.
+        seed: the seed its tensors are regenerated from.
+        init: one of :data:`INIT_SCHEMES` (``"default"`` is PyTorch's layer default, the papers').
+
+    The module is re-initialised in place; its parameters stop requiring gradients.
+    """
+
+    def __init__(self, backbone: Backbone, seed: int = 0, init: str = "default", *, _source: str = "random"):
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.backbone = backbone
+        self.seed = seed
+        self.init = init
+        self.source = _source
+        if _source == "random":
+            init_module(backbone, init, seed)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.fingerprint = fingerprint_tensors(self.tensors())
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, backbone: Backbone, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> "FrozenBackbone":
+        """Freeze ``backbone`` at the weights of a (partially) trained checkpoint.
+
+        ``checkpoint`` is a state dict or a ``.safetensors`` / ``.pt`` file of one.
+        """
+        state = checkpoint
+        if isinstance(checkpoint, (str, Path)):
+            from .io import load_tensors
+
+            state, _ = load_tensors(checkpoint)
+        missing, unexpected = backbone.load_state_dict(dict(state), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not fit {getattr(backbone, 'arch', 'the backbone')}: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        return cls(backbone, seed=-1, init="checkpoint", _source="checkpoint")
+
+    @classmethod
+    def from_module(cls, module: Backbone) -> "FrozenBackbone":
+        """Freeze a (partially) trained module as it is (a deep copy of it)."""
+        return cls(copy.deepcopy(module), seed=-1, init="checkpoint", _source="checkpoint")
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> "FrozenBackbone":
+        """Rebuild from :attr:`recipe`; checkpoint-based recipes also need their ``tensors``."""
+        for key in ("arch", "config", "fingerprint", "source"):
+            if key not in recipe:
+                raise ValueError(f"backbone recipe is missing the field {key!r}; has {sorted(recipe)}")
+        if recipe.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(
+                f"backbone recipe has format_version {recipe['format_version']}, this library reads "
+                f"up to {FORMAT_VERSION}; upgrade shared_backbone"
+            )
+        bb = build_backbone(recipe["arch"], **recipe["config"])
+        if recipe["source"] == "random":
+            frozen = cls(bb, seed=int(recipe["seed"]), init=recipe["init"])
+        else:
+            if tensors is None:
+                raise ValueError(
+                    "this backbone was frozen from a checkpoint and cannot be regenerated from its "
+                    "recipe; load it with its saved tensors (backbone.safetensors)"
+                )
+            frozen = cls.from_checkpoint(bb, tensors)
+        frozen.check_fingerprint(recipe["fingerprint"], what="the backbone recipe")
+        return frozen
+
+    # -- views ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every frozen tensor (parameters and buffers) by its name in the backbone."""
+        out = {n: p.detach() for n, p in self.backbone.named_parameters()}
+        out.update({n: b for n, b in self.backbone.named_buffers()})
+        return out
+
+    @property
+    def regenerable(self) -> bool:
+        return self.source == "random"
+
+    @property
+    def recipe(self) -> dict:
+        from . import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "arch": getattr(self.backbone, "arch", type(self.backbone).__name__),
+            "config": dict(getattr(self.backbone, "config", {})),
+            "seed": self.seed,
+            "init": self.init,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "library_version": __version__,
+        }
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+    def check_fingerprint(self, expected: str, what: str = "this file") -> None:
+        if expected != self.fingerprint:
+            raise FingerprintMismatch(
+                f"{what} was made for backbone fingerprint {expected!r}, but this backbone has "
+                f"{self.fingerprint!r} ({self.recipe['arch']}, seed={self.seed}, init={self.init}); "
+                "load it onto the backbone it was trained on"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"FrozenBackbone({self.recipe['arch']}, seed={self.seed}, init={self.init!r}, "
+            f"params={self.num_parameters():,}, fingerprint={self.fingerprint})"
+        )
+
+
