@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:  make demo   |   make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: setup data demo test test-all bench reproduce clean
+
+setup: $(VENV)/.installed
+
+# torch/torchvision pinned to the wheels these machines carry on disk (a newer torch downloads GBs)
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist
+
+demo: setup data
+	$(OFFLINE) $(PY) scripts/train_ensemble.py --out runs/demo
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -m "not slow"
+
+test-all: setup data
+	$(OFFLINE) $(PY) -m pytest
+
+bench: setup data
+	$(OFFLINE) $(PY) scripts/bench.py --out results/bench.json
+
+clean:
+	rm -rf runs results .pytest_cache
