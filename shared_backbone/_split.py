@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._member_conv import member_conv2d, split_conv2d
 from .slices import ParamSlice, SliceLayout
 
-__all__ = ["SplitConv2d", "build_template", "merge_param", "template_key"]
+__all__ = ["SplitConv2d", "MemberConv2d", "build_template", "merge_param", "template_key"]
 
 
 class SplitConv2d(nn.Module):
@@ -46,12 +47,19 @@ class SplitConv2d(nn.Module):
             self.register_buffer("bias", conv.bias)
 
     def _conv(self, x, w, b=None):
+        if self.groups == 1 and not isinstance(self.padding, str):
+            return member_conv2d(x, w, b, self.stride, self.padding, self.dilation)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wl, wf = self.weight_learned, self.weight_fixed
         if self.zero:
             wf = torch.zeros_like(wf)
+        if self.dim == 0 and self.groups == 1 and not self.zero and not isinstance(self.padding, str):
+            out = split_conv2d(x, wl, wf, self.stride, self.padding, self.dilation)  # (N, c_out, H', W')
+            if self.has_bias:
+                out = out + torch.cat([self.bias_learned, self.bias_fixed]).view(-1, 1, 1)
+            return out
         if self.dim == 0 and self.groups == 1:
             bl = self.bias_learned if self.has_bias else None
             out = self._conv(x, wl, bl)  # (N, n, H', W')
@@ -70,6 +78,18 @@ class SplitConv2d(nn.Module):
         else:
             b = self.bias if self.has_bias else None
         return self._conv(x, w, b)
+
+
+class MemberConv2d(nn.Conv2d):
+    """A wholly learned conv that runs through :func:`member_conv2d` (fast under ``vmap``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return member_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def _fast_conv(conv: nn.Conv2d) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
 
 
 def _rows(t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
@@ -95,6 +115,10 @@ def build_template(backbone: nn.Module, layout: SliceLayout) -> nn.Module:
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"partial slices apply to Conv2d layers only, {mname!r} is {type(conv).__name__}")
         setattr(parent, child, SplitConv2d(conv, sl))
+    whole = {name.rsplit(".", 1)[0] for name, sl in layout.items() if sl.whole and name.endswith(".weight")}
+    for mname, m in list(template.named_modules()):
+        if mname in whole and _fast_conv(m):
+            m.__class__ = MemberConv2d
     for p in template.parameters():
         p.requires_grad_(False)
     return template

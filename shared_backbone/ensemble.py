@@ -54,8 +54,10 @@ class MemberStack(nn.Module):
     ``functional_call`` runs is kept on the meta device and is not registered.
     """
 
-    def __init__(self, frozen: FrozenBackbone, layout: SliceLayout, members: int, *, data: str = "shared"):
+    def __init__(self, frozen: FrozenBackbone, layout: SliceLayout, members: int, *, data: str = "shared",
+                 vectorized: bool = True):
         super().__init__()
+        self.vectorized = vectorized  # default execution: one vmapped call (True) or a loop over members
         if not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be a positive integer (K >= 1), got {members!r}")
         if data not in _DATA_MODES:
@@ -163,11 +165,15 @@ class MemberStack(nn.Module):
         tensors = {**self.fixed.as_dict(), **self.shared_stats.as_dict()}
         return self._run(self.prefix_stages, tensors, x)
 
-    def forward_members(self, h: torch.Tensor, *, vectorized: bool = True) -> torch.Tensor:
+    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None) -> torch.Tensor:
         """Members' stages on features ``h`` (shared ``(N, ...)`` or per member ``(K, N, ...)``).
 
         Shape: -> ``(K, N, C)``.
         """
+        vectorized = self.vectorized if vectorized is None else vectorized
+        # K=1 gains nothing from vmap, and torch 2.14's CPU conv backward under a size-1 vmap can
+        # corrupt the heap (tests/test_ensemble.py::test_single_member_backward_does_not_crash)
+        vectorized = vectorized and self.members > 1
         self._fixed_cache = self.fixed.as_dict()
         slices = dict(self.slices.items())
         stats = {n: b for n, b in self.member_stats.named_buffers(recurse=False)}
@@ -195,7 +201,7 @@ class MemberStack(nn.Module):
         if self.data == "own" and x.shape[0] != self.members:
             raise ValueError(f"data='own' expects one batch per member, leading dim {self.members}, got {x.shape[0]}")
 
-    def forward(self, x: torch.Tensor, *, vectorized: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, vectorized: bool | None = None) -> torch.Tensor:
         """Shape: ``(N, C, H, W)`` (or ``(K, N, C, H, W)`` with ``data="own"``) -> ``(K, N, classes)``."""
         self.check_input(x)
         h = x if self.data == "own" else self.prefix(x)
@@ -218,15 +224,17 @@ class Ensemble(MemberStack):
             values, e.g. after a warm start; members then differ through their data order).
         data: ``"shared"`` (every member sees the same batch, shared prefix runs once) or
             ``"own"`` (input ``(K, N, ...)``: own shuffles or bootstrap samples).
+        vectorized: run members in one ``vmap`` call (default) or in a Python loop over the
+            same per-member function (same results; on small CPUs the loop can be faster).
 
     Shape:
         ``ens(x)``: ``(N, C, H, W) -> (K, N, classes)``.
     """
 
     def __init__(self, frozen: FrozenBackbone, spec: SliceSpec, members: int = 8, *,
-                 member_init: str = "random", seed: int = 0, data: str = "shared"):
+                 member_init: str = "random", seed: int = 0, data: str = "shared", vectorized: bool = True):
         layout = resolve(spec, frozen.backbone)
-        super().__init__(frozen, layout, members, data=data)
+        super().__init__(frozen, layout, members, data=data, vectorized=vectorized)
         self.spec, self.frozen, self.seed = spec, frozen, seed
         self.member_init = member_init
         if member_init == "random":

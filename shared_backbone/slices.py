@@ -7,6 +7,7 @@ the first ``n`` indices along one dimension (the partial-learning paper's rule).
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 import warnings
@@ -98,7 +99,7 @@ class SliceSpec:
         return isinstance(other, SliceSpec) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash(repr(self))
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=float))
 
 
 class _Sum(SliceSpec):
@@ -135,7 +136,7 @@ class Filters(SliceSpec):
             raise ValueError(f"Filters dim must be 0 (outputs), 1 (inputs), 2 or 3 (kernel), got {dim!r}")
         if fixed not in ("random", "zero"):
             raise ValueError(f"Filters fixed must be 'random' or 'zero', got {fixed!r}")
-        self.p, self.k, self.dim, self.fixed = p, k, dim, fixed
+        self.p, self.k, self.dim, self.fixed = (None if p is None else float(p)), k, dim, fixed
 
     def _args(self) -> dict:
         out = {"p": self.p} if self.p is not None else {"k": self.k}
@@ -161,7 +162,7 @@ class Filters(SliceSpec):
             if self.k is not None:
                 if self.k > size:
                     raise ValueError(
-                        f"Filters(k={self.k}) is larger than layer {mname!r}, which has {size} "
+                        f"{self!r}: k={self.k} is larger than layer {mname!r}, which has {size} "
                         f"along dim {self.dim}; use k <= {size} or a fraction p"
                     )
                 n = self.k

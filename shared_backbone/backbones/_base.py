@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "check_positive", "check_kernel_size"]
+__all__ = ["Backbone", "GlobalAvgPool", "check_positive", "check_kernel_size"]
 
 
 class Backbone(nn.Module):
@@ -56,3 +56,13 @@ def check_positive(**values: int) -> None:
 def check_kernel_size(kernel_size: int, allowed: tuple[int, ...] = (1, 3, 5, 7, 9, 11)) -> None:
     if kernel_size not in allowed:
         raise ValueError(f"kernel_size must be an odd size in {allowed}, got {kernel_size!r}")
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dims (``AdaptiveAvgPool2d(1)`` + ``Flatten``, with a vmap batching rule).
+
+    Shape: ``(N, C, H, W) -> (N, C)``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import Backbone, check_kernel_size, check_positive
+from ._base import Backbone, GlobalAvgPool, check_kernel_size, check_positive
 from ._registry import register_backbone
 
 __all__ = ["BasicBlock", "ZeroPadShortcut", "resnet20", "resnet32", "resnet56", "resnet110"]
@@ -124,7 +124,7 @@ def _cifar_resnet(
             blocks.append(BasicBlock(c_in, c_out, stride, kernel_size, shortcut, conv_layer, norm_layer))
             c_in = c_out
         stages.append((f"block{i + 1}", nn.Sequential(*blocks)))
-    stages.append(("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))))
+    stages.append(("head", nn.Sequential(GlobalAvgPool(), nn.Linear(c_in, num_classes))))
     return Backbone(stages, in_channels, num_classes)
 
 

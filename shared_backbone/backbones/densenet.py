@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._base import Backbone, check_positive
+from ._base import Backbone, GlobalAvgPool, check_positive
 from ._registry import register_backbone
 
 __all__ = ["Bottleneck", "DenseBlock", "Transition", "densenet_bc100"]
@@ -92,7 +92,7 @@ def _densenet_bc(
         else:
             stages.append((f"block{i + 1}", dense))
     head = nn.Sequential(
-        norm_layer(c), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)
+        norm_layer(c), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Linear(c, num_classes)
     )
     stages.append(("head", head))
     return Backbone(stages, in_channels, num_classes)

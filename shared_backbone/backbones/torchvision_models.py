@@ -11,7 +11,7 @@ from typing import Callable
 import torchvision
 from torch import nn
 
-from ._base import Backbone, check_positive
+from ._base import Backbone, GlobalAvgPool, check_positive
 from ._registry import register_backbone
 
 __all__ = ["resnet18", "resnet50", "wide_resnet50_2", "mobilenet_v2"]
@@ -49,7 +49,7 @@ def _torchvision_resnet(
         ("block2", net.layer2),
         ("block3", net.layer3),
         ("block4", net.layer4),
-        ("head", nn.Sequential(net.avgpool, nn.Flatten(), net.fc)),
+        ("head", nn.Sequential(GlobalAvgPool(), net.fc)),
     ]
     return Backbone(stages, in_channels, num_classes)
 
@@ -101,5 +101,5 @@ def mobilenet_v2(
     for i, n in enumerate(_MOBILENET_V2_GROUPS):
         stages.append((f"block{i + 1}", nn.Sequential(*blocks[start : start + n])))
         start += n
-    stages.append(("head", nn.Sequential(last, nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.classifier)))
+    stages.append(("head", nn.Sequential(last, GlobalAvgPool(), net.classifier)))
     return Backbone(stages, in_channels, num_classes)

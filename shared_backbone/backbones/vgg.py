@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 
 from torch import nn
 
-from ._base import Backbone, check_kernel_size, check_positive
+from ._base import Backbone, GlobalAvgPool, check_kernel_size, check_positive
 from ._registry import register_backbone
 
 __all__ = ["vgg19", "vgg19_bn"]
@@ -54,7 +54,7 @@ def _vgg(
         else:
             layers += conv_norm_relu(c, v * width, kernel_size, norm_layer)
             c = v * width
-    stages.append(("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))))
+    stages.append(("head", nn.Sequential(GlobalAvgPool(), nn.Linear(c, num_classes))))
     return Backbone(stages, in_channels, num_classes)
 
 

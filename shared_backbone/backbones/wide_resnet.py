@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import Backbone, check_kernel_size, check_positive
+from ._base import Backbone, GlobalAvgPool, check_kernel_size, check_positive
 from ._registry import register_backbone
 
 __all__ = ["WideBasicBlock", "wrn16_4", "wrn28"]
@@ -87,7 +87,7 @@ def _wide_resnet(
             c_in = c_out
         stages.append((f"block{i + 1}", nn.Sequential(*blocks)))
     head = nn.Sequential(
-        norm_layer(c_in), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)
+        norm_layer(c_in), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Linear(c_in, num_classes)
     )
     stages.append(("head", head))
     return Backbone(stages, in_channels, num_classes)

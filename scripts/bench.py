@@ -1,0 +1,523 @@
+#!/usr/bin/env python
+"""Training-step benchmarks for shared_backbone (issues 2 and 3), as ratios measured in one run.
+
+Every suite builds its cases, then times them interleaved: in each repeat every case runs one
+training step (forward + cross-entropy over the ``(K, N, C)`` logits times K + backward + SGD
+Nesterov step, as in ``shared_backbone.train.fit``), the order rotating from repeat to repeat.
+Each case reports the median seconds per step over the repeats (after ``--warmup`` untimed
+rounds); each ratio is reported both as a ratio of medians and as the median of the per-repeat
+ratios (paired within one repeat, so a burst of load from other work hits both sides).
+
+Suites (``--only``):
+  slice_step     one step of ResNet-20 w16 (1x28x28, batch 128): Full() vs Filters(0.1), K=1 each
+  ensemble_step  K=8 members of Filters(0.1)+BatchNorm()+Head(): vmapped vs Python loop
+                 (``forward(x, vectorized=False)``), NCHW and channels_last input, vs 8 x one
+                 plain fully trained model's step
+  shared_prefix  Head()-only and Blocks("block3") ensembles of 8 vs one full model step
+  memory         peak memory of one training step (one subprocess per case) and bytes stored
+                 per member (``describe``) vs one full model
+
+Usage:
+  .venv/bin/python scripts/bench.py --out results/bench.json
+  .venv/bin/python scripts/bench.py --quick --only slice_step,memory --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from shared_backbone import (  # noqa: E402
+    BatchNorm, Blocks, Ensemble, Filters, FrozenBackbone, Full, Head, build_backbone, describe,
+)
+from shared_backbone.io import write_json  # noqa: E402
+
+SUITES = ("slice_step", "ensemble_step", "shared_prefix", "memory")
+ENSEMBLE_SPEC = "Filters(0.1)+BatchNorm()+Head()"
+
+# recipe of fit(): SGD Nesterov, weight decay, label smoothing
+LR, MOMENTUM, WD, SMOOTH = 0.05, 0.9, 5e-4, 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+def make_config(args) -> dict:
+    if args.quick:
+        cfg = {"arch": "resnet20", "width": 16, "in_channels": 1, "num_classes": 10,
+               "batch": 4, "image": 8, "members": 2}
+    else:
+        cfg = {"arch": "resnet20", "width": 16, "in_channels": 1, "num_classes": 10,
+               "batch": 128, "image": 28, "members": 8}
+    cfg.update({"ensemble_spec": ENSEMBLE_SPEC, "optimizer": "SGD(lr=0.05, momentum=0.9, nesterov, wd=5e-4)",
+                "loss": "cross_entropy(label_smoothing=0.1) over (K*N, C) logits * K",
+                "seed": 0, "quick": bool(args.quick)})
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    """Shared state of one run: the frozen backbone and one fixed batch."""
+
+    def __init__(self, cfg: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        bb = build_backbone(cfg["arch"], in_channels=cfg["in_channels"], width=cfg["width"],
+                            num_classes=cfg["num_classes"])
+        self.frozen = FrozenBackbone(bb, seed=cfg["seed"])
+        g = torch.Generator().manual_seed(cfg["seed"])
+        n, s = cfg["batch"], cfg["image"]
+        self.x = torch.randn(n, cfg["in_channels"], s, s, generator=g).to(device)
+        self.y = torch.randint(0, cfg["num_classes"], (n,), generator=g).to(device)
+        self.x_cl = self.x.contiguous(memory_format=torch.channels_last)
+
+    # -- step closures -------------------------------------------------------------------------
+    def _sgd(self, params) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in params if p.requires_grad], lr=LR, momentum=MOMENTUM,
+                               nesterov=True, weight_decay=WD)
+
+    def ensemble_case(self, spec, members: int, *, vectorized: bool = True,
+                      channels_last: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
+        ens = Ensemble(self.frozen, spec, members=members, seed=0).to(self.device).train()
+        opt = self._sgd(ens.parameters())
+        x, y = (self.x_cl if channels_last else self.x), self.y
+
+        def step() -> None:
+            logits = ens(x, vectorized=vectorized)  # (K, N, C)
+            k = logits.shape[0]
+            loss = F.cross_entropy(logits.flatten(0, 1), y.expand(k, -1).flatten(),
+                                   label_smoothing=SMOOTH) * k
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step, ens
+
+    def plain_case(self, *, channels_last: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
+        """One plain backbone, every parameter learnable (a fully trained model's step)."""
+        cfg = self.cfg
+        model = build_backbone(cfg["arch"], in_channels=cfg["in_channels"], width=cfg["width"],
+                               num_classes=cfg["num_classes"]).to(self.device).train()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = self._sgd(model.parameters())
+        x, y = (self.x_cl if channels_last else self.x), self.y
+
+        def step() -> None:
+            loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step, model
+
+
+def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
+    k = bench.cfg["members"]
+    ens_spec = Filters(0.1) + BatchNorm() + Head()
+    if suite == "slice_step":
+        return {
+            "full_K1": bench.ensemble_case(Full(), 1)[0],
+            "filters0.1_K1": bench.ensemble_case(Filters(0.1), 1)[0],
+        }
+    if suite == "ensemble_step":
+        return {
+            "vmap": bench.ensemble_case(ens_spec, k)[0],
+            "loop": bench.ensemble_case(ens_spec, k, vectorized=False)[0],
+            "vmap_channels_last": bench.ensemble_case(ens_spec, k, channels_last=True)[0],
+            "loop_channels_last": bench.ensemble_case(ens_spec, k, vectorized=False, channels_last=True)[0],
+            "full_plain_x1": bench.plain_case()[0],
+        }
+    if suite == "shared_prefix":
+        return {
+            "head_K8": bench.ensemble_case(Head(), k)[0],
+            "block3_K8": bench.ensemble_case(Blocks("block3"), k)[0],
+            "full_plain_x1": bench.plain_case()[0],
+        }
+    raise ValueError(suite)
+
+
+# (name, numerator, denominator, numerator scale, denominator scale, target op, target value)
+RATIOS = {
+    "slice_step": [
+        ("slice_over_full", "filters0.1_K1", "full_K1", 1, 1, "<", 1.0),
+    ],
+    "ensemble_step": [
+        ("loop_over_vmap", "loop", "vmap", 1, 1, ">=", 1.3),
+        ("vmap_over_8x_full", "vmap", "full_plain_x1", 1, "K", "<=", 1.0),
+        ("loop_over_vmap_channels_last", "loop_channels_last", "vmap_channels_last", 1, 1, ">=", 1.3),
+        ("vmap_channels_last_over_8x_full", "vmap_channels_last", "full_plain_x1", 1, "K", "<=", 1.0),
+        ("vmap_channels_last_over_vmap", "vmap_channels_last", "vmap", 1, 1, None, None),
+        ("loop_over_8x_full", "loop", "full_plain_x1", 1, "K", None, None),
+    ],
+    "shared_prefix": [
+        ("head_K8_over_full", "head_K8", "full_plain_x1", 1, 1, "<=", 1.5),
+        ("block3_K8_over_full", "block3_K8", "full_plain_x1", 1, 1, "<=", 4.0),
+    ],
+}
+
+
+def _met(value: float, op: str | None, target: float | None) -> bool | None:
+    if op is None:
+        return None
+    return {"<": value < target, "<=": value <= target, ">=": value >= target}[op]
+
+
+def time_suite(bench: Bench, suite: str, repeats: int, warmup: int, log=print) -> dict:
+    cases = suite_cases(bench, suite)
+    names = list(cases)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]  # interleaved, rotating start
+        for n in order:
+            sync(bench.device)
+            t0 = time.perf_counter()
+            cases[n]()
+            sync(bench.device)
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+        if r < warmup:
+            log(f"  [{suite}] warmup {r + 1}/{warmup} done", flush=True)
+        else:
+            log(f"  [{suite}] repeat {r - warmup + 1}/{repeats}: "
+                + ", ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
+    k = bench.cfg["members"]
+    out_cases = {n: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "all_s": ts}
+                 for n, ts in times.items()}
+    ratios = {}
+    for name, num, den, sn, sd, op, target in RATIOS[suite]:
+        sn = k if sn == "K" else sn
+        sd = k if sd == "K" else sd
+        of_medians = (sn * out_cases[num]["median_s"]) / (sd * out_cases[den]["median_s"])
+        paired = statistics.median((sn * a) / (sd * b) for a, b in zip(times[num], times[den]))
+        ratios[name] = {
+            "value": of_medians, "median_of_paired": paired,
+            "definition": f"{'' if sn == 1 else f'{sn} x '}{num} / {'' if sd == 1 else f'{sd} x '}{den}",
+            "target": None if op is None else f"{op} {target}", "met": _met(of_medians, op, target),
+        }
+    return {"cases": out_cases, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnostics
+# ---------------------------------------------------------------------------------------------
+def channels_last_check(bench: Bench) -> dict:
+    """Does a channels_last input stay channels_last through the first conv / the ensemble?"""
+    x = bench.x_cl
+    w = torch.randn(bench.cfg["width"], bench.cfg["in_channels"], 3, 3, device=bench.device)
+    out = F.conv2d(x, w, padding=1)
+    return {
+        "input_is_channels_last": x.is_contiguous(memory_format=torch.channels_last),
+        "input_is_also_nchw_contiguous": x.is_contiguous(),
+        "first_conv_output_channels_last": out.is_contiguous(memory_format=torch.channels_last)
+        and not out.is_contiguous(),
+        "note": "with in_channels=1 an NCHW tensor already has channels_last strides, so the "
+                "input format alone may not change what the convs do",
+    }
+
+
+def profile_steps(bench: Bench, top: int = 15) -> dict:
+    """Top ops by self CPU time of one (warm) vmap step and one loop step of the K-member ensemble."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = Filters(0.1) + BatchNorm() + Head()
+    out = {}
+    for name, vec in (("vmap", True), ("loop", False)):
+        step, _ = bench.ensemble_case(spec, bench.cfg["members"], vectorized=vec)
+        step()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+        with profile(activities=acts, record_shapes=True) as prof:
+            step()
+            sync(bench.device)
+        avg = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in avg)
+        rows = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        by_shape = sorted(prof.key_averages(group_by_input_shape=True),
+                          key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        out[name] = {
+            "self_cpu_total_s": total / 1e6,
+            "top_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
+                         "share": e.self_cpu_time_total / total if total else 0.0} for e in rows],
+            "top_ops_by_shape": [{"op": e.key, "shapes": str(e.input_shapes)[:200],
+                                  "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                 for e in by_shape],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: one subprocess per case
+# ---------------------------------------------------------------------------------------------
+MEM_CASES = ("ensemble_K8_vmap", "ensemble_K8_loop", "full_plain_x1")
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
+
+
+def _status_field(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _hwm_bytes() -> int | None:
+    return _status_field("VmHWM") if os.access("/proc/self/clear_refs", os.W_OK) else None
+
+
+def _rss_bytes() -> int | None:
+    return _status_field("VmRSS")
+
+
+def mem_child(args) -> None:
+    """Run in a fresh process: build one case, then measure the peak of ``--warmup + 1`` steps."""
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bench = Bench(make_config(args), device)
+    k = bench.cfg["members"]
+    spec = Filters(0.1) + BatchNorm() + Head()
+    if args._mem_case == "ensemble_K8_vmap":
+        step, _ = bench.ensemble_case(spec, k)
+    elif args._mem_case == "ensemble_K8_loop":
+        step, _ = bench.ensemble_case(spec, k, vectorized=False)
+    else:
+        step, _ = bench.plain_case()
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.warmup + 1):
+            step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before}
+    elif _hwm_bytes() is not None:
+        # VmHWM is this process's own peak RSS; writing "5" to clear_refs resets it to the current
+        # RSS, so the parent's high-water mark (inherited by ru_maxrss across exec) does not leak in
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss_bytes()
+        for _ in range(args.warmup + 1):
+            step()
+        peak = _hwm_bytes()
+        res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before,
+               "ru_maxrss_bytes": _maxrss_bytes(), "method": "VmHWM after clear_refs=5"}
+    else:
+        before = _maxrss_bytes()
+        for _ in range(args.warmup + 1):
+            step()
+        peak = _maxrss_bytes()
+        res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before,
+               "method": "ru_maxrss delta"}
+    print("MEMRESULT " + json.dumps(res), flush=True)
+
+
+def memory_suite(bench: Bench, args) -> dict:
+    device = bench.device
+    out: dict = {
+        "method": (
+            "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated "
+            "after building the case (tensors only, caching allocator excluded)"
+            if device.type == "cuda" else
+            "peak RSS in a fresh subprocess per case: /proc/self/status VmHWM after resetting it with "
+            "/proc/self/clear_refs=5 (ru_maxrss cannot be used as is: Linux carries the parent's "
+            "high-water mark across exec; it is the fallback where /proc is missing), over "
+            f"{args.warmup + 1} training step(s) minus the peak RSS after building the case (model, "
+            "optimizer, batch) [RSS at reset]; includes allocator and oneDNN scratch, excludes the step-independent "
+            "footprint (torch itself, the frozen backbone)"
+        ),
+        "cases": {},
+    }
+    base = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
+            "--device", device.type, "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    for case in MEM_CASES:
+        proc = subprocess.run(base + ["--_mem-case", case], capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMRESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"memory case {case} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+        out["cases"][case] = json.loads(line[-1][len("MEMRESULT "):])
+    c = out["cases"]
+    full = max(c["full_plain_x1"]["delta_bytes"], 1)
+    out["ratios"] = {
+        "ensemble_K8_vmap_over_full": {"value": c["ensemble_K8_vmap"]["delta_bytes"] / full,
+                                       "definition": "step peak delta, K=8 vmap ensemble / one full model"},
+        "ensemble_K8_loop_over_full": {"value": c["ensemble_K8_loop"]["delta_bytes"] / full,
+                                       "definition": "step peak delta, K=8 loop ensemble / one full model"},
+    }
+    ens_d = describe(bench.frozen, Filters(0.1) + BatchNorm() + Head(), members=bench.cfg["members"], verbose=False)
+    full_d = describe(bench.frozen, Full(), verbose=False)
+    full_bytes = sum(t.numel() * t.element_size() for t in bench.frozen.tensors().values())
+    out["storage"] = {
+        "spec": ens_d["spec"],
+        "stored_bytes_per_member": ens_d["stored_bytes"],
+        "learnable_per_member": ens_d["learnable"],
+        "full_model_stored_bytes": full_d["stored_bytes"],
+        "full_model_state_dict_bytes": full_bytes,
+        "member_over_full": ens_d["stored_bytes"] / full_d["stored_bytes"],
+        "ensemble_K8_total_bytes_over_8_full": (full_bytes + bench.cfg["members"] * ens_d["stored_bytes"])
+        / (bench.cfg["members"] * full_bytes),
+        "note": "full_model_stored_bytes is describe(frozen, Full()); ensemble total = one backbone "
+                "(state dict) + K member slices",
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+def git_commit() -> dict:
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return ""
+    head = run("git", "rev-parse", "HEAD") or None
+    dirty = bool(run("git", "status", "--porcelain", "--untracked-files=no")) if head else None
+    return {"commit": head, "dirty": dirty}
+
+
+def format_report(res: dict) -> str:
+    lines = [f"shared_backbone bench  torch {res['torch']}  device {res['device']}  threads {res['threads']}  "
+             f"repeats {res['repeats']} (+{res['warmup']} warmup)  batch {res['config']['batch']} "
+             f"{res['config']['image']}x{res['config']['image']}  K={res['config']['members']}"]
+    for suite, body in res["suites"].items():
+        lines.append("")
+        lines.append(f"== {suite}")
+        if suite == "memory":
+            lines.append(f"   method: {body['method']}")
+            for n, c in body["cases"].items():
+                lines.append(f"   {n:<28} step peak +{c['delta_bytes'] / 2**20:9.1f} MiB   "
+                             f"(absolute peak {c['peak_bytes'] / 2**20:.1f} MiB)")
+            for n, r in body["ratios"].items():
+                lines.append(f"   {n:<36} {r['value']:8.2f}")
+            s = body["storage"]
+            lines.append(f"   stored per member ({s['spec']}): {s['stored_bytes_per_member']:,} B vs one full model "
+                         f"{s['full_model_stored_bytes']:,} B  -> {s['member_over_full']:.4f}")
+            continue
+        lines.append(f"   {'case':<24}{'median s':>10}{'min s':>10}{'max s':>10}   all")
+        for n, c in body["cases"].items():
+            lines.append(f"   {n:<24}{c['median_s']:10.3f}{c['min_s']:10.3f}{c['max_s']:10.3f}   "
+                         + " ".join(f"{t:.3f}" for t in c["all_s"]))
+        for n, r in body["ratios"].items():
+            met = "" if r["met"] is None else ("  MET" if r["met"] else "  MISSED")
+            tgt = f"target {r['target']}" if r["target"] else ""
+            lines.append(f"   ratio {n:<34}{r['value']:8.3f}  (paired {r['median_of_paired']:.3f})  "
+                         f"{tgt}{met}")
+        if "channels_last_check" in body:
+            lines.append(f"   channels_last: {body['channels_last_check']}")
+        if "profile" in body:
+            for name, p in body["profile"].items():
+                lines.append(f"   profile {name}: self CPU {p['self_cpu_total_s']:.3f}s; top ops:")
+                for op in p["top_ops"][:8]:
+                    lines.append(f"      {op['op']:<40}{op['self_cpu_s']:8.3f}s {100 * op['share']:5.1f}%  x{op['calls']}")
+    t = res["targets"]
+    lines.append("")
+    lines.append(f"targets met: {t['met']}/{t['total']}  " + ", ".join(
+        f"{k}={'met' if v else 'MISSED'}" for k, v in t["by_ratio"].items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/bench.json", help="JSON output (written atomically)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per suite (median taken)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (batch 4, 8x8) for smoke tests")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--only", default=",".join(SUITES),
+                    help=f"comma-separated suites out of {', '.join(SUITES)}")
+    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                    help="profile one vmap and one loop ensemble step (auto: when vmap is slower than the loop)")
+    ap.add_argument("--_mem-case", dest="_mem_case", choices=MEM_CASES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        ap.error("--repeats must be >= 1, --warmup >= 0, --threads >= 1")
+    args.suites = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in args.suites if s not in SUITES]
+    if bad or not args.suites:
+        ap.error(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args._mem_case:
+        mem_child(args)
+        return {}
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cfg = make_config(args)
+    bench = Bench(cfg, device)
+    res: dict = {
+        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_commit(), "repeats": args.repeats, "warmup": args.warmup, "config": cfg,
+        "timing": "time.perf_counter around one full training step (cuda synchronized); cases interleaved "
+                  "within each repeat, order rotating; median over repeats",
+        "suites": {},
+    }
+    t_start = time.perf_counter()
+    for suite in [s for s in SUITES if s in args.suites]:
+        print(f"running {suite} ...", flush=True)
+        if suite == "memory":
+            res["suites"][suite] = memory_suite(bench, args)
+            continue
+        body = time_suite(bench, suite, args.repeats, args.warmup)
+        if suite == "ensemble_step":
+            body["channels_last_check"] = channels_last_check(bench)
+            slower = body["ratios"]["loop_over_vmap"]["value"] < 1.0
+            if args.profile == "always" or (args.profile == "auto" and slower):
+                print("  profiling one vmap and one loop step ...", flush=True)
+                body["profile"] = profile_steps(bench)
+        res["suites"][suite] = body
+    res["wall_s"] = time.perf_counter() - t_start
+    by_ratio = {f"{s}.{n}": r["met"] for s, b in res["suites"].items() for n, r in b.get("ratios", {}).items()
+                if r.get("met") is not None}
+    res["targets"] = {"met": sum(by_ratio.values()), "total": len(by_ratio), "by_ratio": by_ratio}
+    write_json(args.out, res)
+    print()
+    print(format_report(res))
+    print(f"\nwrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
