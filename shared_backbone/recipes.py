@@ -46,7 +46,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: int = 0,
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", out_dir: str | Path | None = None,
-                   progress: bool = True) -> tuple[Ensemble, dict, dict]:
+                   progress: bool = True, vectorized: bool = True) -> tuple[Ensemble, dict, dict]:
     """Train a K-member ensemble of ``spec`` slices; return ``(ensemble, report, arrays)``.
 
     ``report`` is JSON-ready; ``arrays`` holds the test and OOD logits for plots.
@@ -63,7 +63,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
         member_init = "random"
     warm_seconds = time.perf_counter() - t0
-    ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data)
+    ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
+                   vectorized=vectorized)
     record = fit(ens, train, test, config, out_dir=out_dir, progress=progress)
     logits = record.pop("_test_logits")
     arrays = {"test_logits": logits, "test_labels": test.y.cpu()}
