@@ -12,7 +12,6 @@ setup: $(VENV)/.installed
 # torch/torchvision pinned to the wheels these machines carry on disk (a newer torch downloads GBs)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
