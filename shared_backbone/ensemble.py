@@ -165,8 +165,9 @@ class MemberStack(nn.Module):
         tensors = {**self.fixed.as_dict(), **self.shared_stats.as_dict()}
         return self._run(self.prefix_stages, tensors, x)
 
-    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None) -> torch.Tensor:
-        """Members' stages on features ``h`` (shared ``(N, ...)`` or per member ``(K, N, ...)``).
+    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None,
+                        per_member: bool | None = None) -> torch.Tensor:
+        """Members' stages on features ``h``: shared ``(N, ...)`` or, with ``per_member``, ``(K, N, ...)``.
 
         Shape: -> ``(K, N, C)``.
         """
@@ -178,7 +179,9 @@ class MemberStack(nn.Module):
         slices = dict(self.slices.items())
         stats = {n: b for n, b in self.member_stats.named_buffers(recurse=False)}
         stats = {_unesc(n): b for n, b in stats.items()}
-        h_dim = 0 if self.data == "own" else None
+        if per_member is None:
+            per_member = self.data == "own"
+        h_dim = 0 if per_member else None
         try:
             if vectorized:
                 fn = vmap(self._member_forward, in_dims=(0, 0, h_dim),
@@ -194,18 +197,23 @@ class MemberStack(nn.Module):
             self._fixed_cache = {}
 
     def check_input(self, x: torch.Tensor) -> None:
-        want = 5 if self.data == "own" else 4
-        shape = "(K, N, C, H, W)" if self.data == "own" else "(N, C, H, W)"
-        if x.dim() != want or (self.in_channels and x.shape[want - 3] != self.in_channels):
-            raise ValueError(f"expected input of shape {shape} with C={self.in_channels}, got {tuple(x.shape)}")
-        if self.data == "own" and x.shape[0] != self.members:
-            raise ValueError(f"data='own' expects one batch per member, leading dim {self.members}, got {x.shape[0]}")
+        """Shared input ``(N, C, H, W)``; with ``data="own"`` also one batch per member ``(K, N, C, H, W)``."""
+        ranks = (4, 5) if self.data == "own" else (4,)
+        shapes = "(N, C, H, W) or (K, N, C, H, W)" if self.data == "own" else "(N, C, H, W)"
+        if x.dim() not in ranks or (self.in_channels and x.shape[-3] != self.in_channels):
+            raise ValueError(f"expected input of shape {shapes} with C={self.in_channels}, got {tuple(x.shape)}")
+        if x.dim() == 5 and x.shape[0] != self.members:
+            raise ValueError(f"one batch per member needs a leading dim of K={self.members}, got {x.shape[0]}")
 
     def forward(self, x: torch.Tensor, *, vectorized: bool | None = None) -> torch.Tensor:
-        """Shape: ``(N, C, H, W)`` (or ``(K, N, C, H, W)`` with ``data="own"``) -> ``(K, N, classes)``."""
+        """Shape: ``(N, C, H, W)`` (or ``(K, N, C, H, W)`` with ``data="own"``) -> ``(K, N, classes)``.
+
+        With ``data="own"`` a 4-d input is given to every member (evaluation).
+        """
         self.check_input(x)
-        h = x if self.data == "own" else self.prefix(x)
-        return self.forward_members(h, vectorized=vectorized)
+        per_member = x.dim() == 5
+        h = x if per_member else self.prefix(x)
+        return self.forward_members(h, vectorized=vectorized, per_member=per_member)
 
 
 def _rows(t: torch.Tensor, sl) -> torch.Tensor:

@@ -26,6 +26,7 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
     try:
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(data, tmp, metadata={_META_KEY: json.dumps(dict(meta or {}))})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -70,6 +71,7 @@ def write_json(path: str | Path, obj) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=_jsonable)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

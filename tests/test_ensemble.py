@@ -364,9 +364,9 @@ def test_bad_data_mode(random_frozen):
     ("shared", (N, 3, HW, HW), r"expected input of shape \(N, C, H, W\) with C=1, got \(4, 3, 16, 16\)"),
     ("shared", (N, HW, HW), r"expected input of shape \(N, C, H, W\) with C=1, got \(4, 16, 16\)"),
     ("shared", (K, N, 1, HW, HW), r"expected input of shape \(N, C, H, W\)"),
-    ("own", (N, 1, HW, HW), r"expected input of shape \(K, N, C, H, W\) with C=1, got \(4, 1, 16, 16\)"),
-    ("own", (K, N, 2, HW, HW), r"expected input of shape \(K, N, C, H, W\) with C=1"),
-    ("own", (K + 1, N, 1, HW, HW), r"data='own' expects one batch per member, leading dim 3, got 4"),
+    ("own", (N, HW, HW), r"expected input of shape \(N, C, H, W\) or \(K, N, C, H, W\) with C=1, got \(4, 16, 16\)"),
+    ("own", (K, N, 2, HW, HW), r"expected input of shape \(N, C, H, W\) or \(K, N, C, H, W\) with C=1"),
+    ("own", (K + 1, N, 1, HW, HW), r"one batch per member needs a leading dim of K=3, got 4"),
 ])
 def test_bad_input_shapes(random_frozen, data, shape, match):
     ens = Ensemble(random_frozen, Head(), members=K, data=data)
@@ -390,3 +390,13 @@ def test_only_slices_are_parameters_and_state_dict(random_frozen):
     assert any(k.startswith("member_stats.") for k in sd)
     n_learned = sum(p.numel() for p in ens.parameters())
     assert n_learned == 2 * sb.describe(random_frozen, ens.spec, verbose=False)["learnable"]
+
+
+def test_own_data_ensemble_takes_one_shared_batch_for_evaluation(random_frozen):
+    """data='own' trains on (K, N, ...) but evaluates one batch for all: the same as repeating it."""
+    ens = Ensemble(random_frozen, Filters(0.25) + BatchNorm() + Head(), members=3, data="own").eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        shared = ens(x)
+        repeated = ens(x.unsqueeze(0).expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
