@@ -83,7 +83,7 @@ def load_ensemble(directory: str | Path, frozen: FrozenBackbone | None = None) -
         frozen.check_fingerprint(meta["backbone"]["fingerprint"], what=f"the ensemble in {directory}")
     spec = spec_from_dict(meta["spec"])
     k = int(meta["members"])
-    files = sorted(directory.glob("member_*.safetensors"))
+    files = sorted(directory.glob("member_*.safetensors"), key=lambda f: (len(f.stem), f.stem))
     if len(files) != k:
         raise ValueError(f"{directory / 'ensemble.json'} says K={k} members but {len(files)} member files are there")
     ens = Ensemble(frozen, spec, members=k, member_init="backbone", data=meta.get("data", "shared"))
@@ -94,6 +94,8 @@ def load_ensemble(directory: str | Path, frozen: FrozenBackbone | None = None) -
     for i, f in enumerate(files):
         tensors, header = load_tensors(f)
         frozen.check_fingerprint(header.get("fingerprint", "<none>"), what=str(f))
+        if header.get("member", i) != i:
+            raise ValueError(f"{f} holds member {header.get('member')}, expected member {i}")
         if header.get("spec") != repr(spec):
             raise ValueError(f"{f} holds a slice for {header.get('spec')!r}, but the ensemble's spec is {spec!r}")
         ens.set_member(

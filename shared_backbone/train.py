@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -50,12 +51,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
@@ -156,7 +157,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         start_epoch, step = _load_checkpoint(ckpt, inner, opt)
         history = read_json(Path(out_dir) / "history.json") if (Path(out_dir) / "history.json").exists() else []
         sched.last_epoch = step - 1
-        sched.step()
+        with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
     t0 = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
