@@ -11,8 +11,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn

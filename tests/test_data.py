@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from shared_backbone import data as sbd
 from shared_backbone.data import (
-    TaskCard, TensorData, augment_batch, load_arrays, load_dataset_for, load_task, random_crop,
+    TensorData, augment_batch, load_arrays, load_dataset_for, load_task, random_crop,
     random_hflip, read_idx,
 )
 

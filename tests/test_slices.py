@@ -1,7 +1,6 @@
 """Slice specs: which parameters a spec learns, checked against hand-computed counts on resnet20."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

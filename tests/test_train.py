@@ -6,7 +6,6 @@ as they were before training, and an uninterrupted run compared with an interrup
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
