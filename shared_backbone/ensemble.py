@@ -134,12 +134,12 @@ class MemberStack(nn.Module):
             if dst.shape != t.shape:
                 raise ValueError(f"slice tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(t)
+        mine, shared = self.member_stats.as_dict(), self.shared_stats.as_dict()
         for n, t in (stats or {}).items():
-            mine = self.member_stats.as_dict()
             if n in mine:
                 mine[n][i].copy_(t)
-            elif n in self.shared_stats.as_dict():
-                self.shared_stats.as_dict()[n].copy_(t)
+            elif n in shared:
+                shared[n].copy_(t)
 
     def _check_member(self, i: int) -> None:
         if not (isinstance(i, int) and 0 <= i < self.members):
@@ -177,8 +177,7 @@ class MemberStack(nn.Module):
         vectorized = vectorized and self.members > 1
         self._fixed_cache = self.fixed.as_dict()
         slices = dict(self.slices.items())
-        stats = {n: b for n, b in self.member_stats.named_buffers(recurse=False)}
-        stats = {_unesc(n): b for n, b in stats.items()}
+        stats = self.member_stats.as_dict()
         if per_member is None:
             per_member = self.data == "own"
         h_dim = 0 if per_member else None
