@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["member_conv2d", "split_conv2d"]
+__all__ = ["member_conv2d", "split_conv2d", "member_batch_norm"]
 
 
 @torch.library.custom_op("shared_backbone::member_conv2d", mutates_args=())
@@ -46,10 +46,8 @@ _member_conv2d.register_autograd(_backward, setup_context=_setup)
 @_member_conv2d.register_vmap
 def _(info, in_dims, x, w, stride, padding, dilation):
     xd, wd = in_dims[0], in_dims[1]
-    if wd is None:  # one weight for every member: a dense conv over K*N samples
-        x = x.movedim(xd, 0)
-        out = F.conv2d(x.flatten(0, 1), w, None, stride, padding, dilation)
-        return out.unflatten(0, (x.shape[0], -1)), 0
+    if wd is None:  # one weight for every member: a dense conv over K*N samples, in the input's layout
+        return _dense_over_members(x, xd, w, stride, padding, dilation)
     w = w.movedim(wd, 0)  # (K, O, C, kh, kw)
     k = w.shape[0]
     if xd is None:  # one input for every member: a dense conv with K*O outputs
@@ -60,6 +58,15 @@ def _(info, in_dims, x, w, stride, padding, dilation):
     xg = x.reshape(n, k * c, h, wd_).contiguous(memory_format=torch.channels_last)
     out = F.conv2d(xg, w.flatten(0, 1), None, stride, padding, dilation, k)  # (N, K*O, H', W')
     return out.unflatten(1, (k, -1)), 1
+
+
+def _dense_over_members(x, xd, w, stride, padding, dilation):
+    """One conv with an unbatched weight over every member's samples; the member axis stays where it was
+    (0 or 1), so the next element-wise op meets operands in one layout."""
+    if xd not in (0, 1):
+        x, xd = x.movedim(xd, 0), 0
+    out = F.conv2d(x.flatten(0, 1), w, None, stride, padding, dilation)
+    return out.unflatten(0, x.shape[:2]), xd
 
 
 def member_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
@@ -121,6 +128,8 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
         out_f = F.conv2d(x, wf, None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
         return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1
     x = x.movedim(xd, 1)  # (N, K, C, H, W)
+    if not x.is_cuda:  # oneDNN: dense convs per member beat a grouped conv
+        return _members_split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation)), 1
     n, _, c, h, w = x.shape
     xg = x.reshape(n, k * c, h, w).contiguous(memory_format=torch.channels_last)
     out_l = F.conv2d(xg, wl.flatten(0, 1), None, stride, padding, dilation, k).unflatten(1, (k, -1))  # (N, K, n, ...)
@@ -129,9 +138,142 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
     return torch.cat([out_l, out_f], dim=2), 1
 
 
+@torch.library.custom_op("shared_backbone::members_split_conv2d", mutates_args=())
+def _members_split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: list[int],
+                          padding: list[int], dilation: list[int]) -> torch.Tensor:
+    """Every member's split conv on ``(N, K, C, H, W)`` input, laid out for CPU kernels.
+
+    On oneDNN a conv with a handful of output channels (the learned rows) costs as much as the
+    whole layer, and grouped convs are slower still, so each member runs one dense conv with its
+    merged weight, writing into an ``(N, K, c_out, H', W')`` output: batch norm, ReLU and residual
+    adds then meet one contiguous layout (see :func:`member_batch_norm`).
+    """
+    n_, k = x.shape[:2]
+    out = None
+    for i in range(k):
+        o = F.conv2d(x[:, i], torch.cat([wl[i], wf]), None, stride, padding, dilation)
+        if out is None:
+            out = o.new_empty(n_, k, *o.shape[1:])
+        out[:, i] = o
+    return out
+
+
+@_members_split_conv2d.register_fake
+def _(x, wl, wf, stride, padding, dilation):
+    n_, k = x.shape[:2]
+    out = F.conv2d(x[:, 0], torch.cat([wl[0], wf]), None, stride, padding, dilation)
+    return out.new_empty(n_, k, *out.shape[1:])
+
+
+def _members_setup(ctx, inputs, output):
+    x, wl, wf, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, wl, wf)
+    ctx.args = (stride, padding, dilation)
+
+
+def _members_backward(ctx, grad):
+    """Per member: the input gradient with its whole weight, the weight gradient for its learned rows."""
+    x, wl, wf = ctx.saved_tensors
+    stride, padding, dilation = ctx.args
+    k, nl = wl.shape[:2]
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    gwl = torch.empty_like(wl) if need_w else None
+    for i in range(k):
+        gi, xi = grad[:, i].contiguous(), x[:, i].contiguous()
+        if need_x:
+            gx[:, i] = torch.ops.aten.convolution_backward(
+                gi, xi, torch.cat([wl[i], wf]), None, stride, padding, dilation, False, [0, 0], 1,
+                [True, False, False])[0]
+        if need_w:
+            gwl[i] = torch.ops.aten.convolution_backward(
+                gi[:, :nl].contiguous(), xi, wl[i], None, stride, padding, dilation, False, [0, 0], 1,
+                [False, True, False])[1]
+    return gx, gwl, None, None, None, None
+
+
+_members_split_conv2d.register_autograd(_members_backward, setup_context=_members_setup)
+
+
 def split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
     """``conv2d(x, cat([wl, wf]))`` that computes the weight gradient for ``wl`` only; fast under vmap.
 
     Shape: ``(N, C, H, W)``, ``wl (n, C, kh, kw)``, ``wf (O - n, C, kh, kw)`` -> ``(N, O, H', W')``.
     """
     return _split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation))
+
+
+# -- member batch norm: every member's channels as one (N, K*C, H, W) batch norm ---------------------
+@torch.library.custom_op("shared_backbone::member_batch_norm", mutates_args=())
+def _member_batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rm: torch.Tensor | None,
+                       rv: torch.Tensor | None, training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    out, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, training, 0.0, eps)
+    return out, mean, invstd
+
+
+@_member_batch_norm.register_fake
+def _(x, w, b, rm, rv, training, eps):
+    c = x.shape[1] if training else 0
+    return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
+def _bn_setup(ctx, inputs, output):
+    x, w, b, rm, rv, training, eps = inputs
+    ctx.save_for_backward(x, w, rm, rv, output[1], output[2])
+    ctx.args = (training, eps)
+
+
+def _bn_backward(ctx, grad, _gmean, _ginvstd):
+    x, w, rm, rv, mean, invstd = ctx.saved_tensors
+    training, eps = ctx.args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(), x, w, rm, rv, mean, invstd,
+                                                            training, eps, mask)
+    return gx, gw, gb, None, None, None, None
+
+
+_member_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+def _per_member(t: torch.Tensor | None, d: int | None, k: int) -> torch.Tensor | None:
+    """A per-channel tensor as ``(K*C,)``: batched ones flattened, shared ones repeated."""
+    if t is None:
+        return None
+    return t.movedim(d, 0).reshape(-1) if d is not None else t.repeat(k)
+
+
+@_member_batch_norm.register_vmap
+def _(info, in_dims, x, w, b, rm, rv, training, eps):
+    k = info.batch_size
+    xd, wd, bd, md, vd = in_dims[:5]
+    x = x.movedim(xd, 1) if xd is not None else x.unsqueeze(1).expand(-1, k, *x.shape[1:])  # (N, K, C, ...)
+    n, _, c, *rest = x.shape
+    x2 = x.reshape(n, k * c, *rest)  # a view when the members' channels already sit side by side
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        x2, _per_member(w, wd, k), _per_member(b, bd, k), _per_member(rm, md, k), _per_member(rv, vd, k),
+        training, 0.0, eps)
+    stats = (mean.view(k, c), invstd.view(k, c)) if training else (mean, invstd)
+    return (out.view(n, k, c, *rest), *stats), (1, 0 if training else None, 0 if training else None)
+
+
+def member_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                      running_var: torch.Tensor | None, training: bool, momentum: float,
+                      eps: float) -> torch.Tensor:
+    """``F.batch_norm`` with a fast batching rule: members' channels normalised as one ``(N, K*C)`` batch.
+
+    torch's own rule moves the member axis around and applies the affine part in separate strided
+    element-wise ops; this one keeps the layout the member convs produce and runs one kernel.
+    Running statistics are updated in place as ``F.batch_norm`` does (momentum, unbiased variance).
+    Shape: ``(N, C, ...) -> (N, C, ...)``.
+    """
+    if training:
+        out, mean, invstd = _member_batch_norm(x, weight, bias, None, None, True, eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                count = x.numel() // x.shape[1]
+                var = (invstd.pow(-2) - eps) * (count / max(count - 1, 1))
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var, alpha=momentum)
+        return out
+    return _member_batch_norm(x, weight, bias, running_mean, running_var, False, eps)[0]

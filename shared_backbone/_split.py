@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._member_conv import member_conv2d, split_conv2d
+from ._member_conv import member_batch_norm, member_conv2d, split_conv2d
 from .slices import ParamSlice, SliceLayout
 
-__all__ = ["SplitConv2d", "MemberConv2d", "build_template", "merge_param", "template_key"]
+__all__ = ["SplitConv2d", "MemberConv2d", "MemberBatchNorm2d", "build_template", "merge_param", "template_key"]
 
 
 class SplitConv2d(nn.Module):
@@ -87,6 +87,21 @@ class MemberConv2d(nn.Conv2d):
         return member_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
+class MemberBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` through :func:`member_batch_norm` (one kernel over every member under ``vmap``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.momentum is None:  # no affine part, or a cumulative average
+            return super().forward(x)
+        self._check_input_dim(x)
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return member_batch_norm(x, self.weight, self.bias, self.running_mean if track else None,
+                                 self.running_var if track else None, batch_stats, self.momentum, self.eps)
+
+
 def _fast_conv(conv: nn.Conv2d) -> bool:
     return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str))
@@ -119,6 +134,8 @@ def build_template(backbone: nn.Module, layout: SliceLayout) -> nn.Module:
     for mname, m in list(template.named_modules()):
         if mname in whole and _fast_conv(m):
             m.__class__ = MemberConv2d
+        elif type(m) is nn.BatchNorm2d:
+            m.__class__ = MemberBatchNorm2d
     for p in template.parameters():
         p.requires_grad_(False)
     return template
