@@ -2,6 +2,11 @@
 """Train a cheap ensemble on one frozen backbone and report accuracy, calibration and OOD detection.
 
     python scripts/train_ensemble.py --members 8 --slice "Filters(0.1)+BatchNorm()+Head()" --epochs 3
+
+Runs unchanged on many processes (GPUs, or CPU processes joined in one gloo group):
+
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_ensemble.py --parallel members
+    torchrun --nproc_per_node 2 scripts/train_ensemble.py --parallel data
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 import torch
 
 from shared_backbone import parse_spec
+from shared_backbone.distributed import PARALLEL_MODES, make_accelerator
 from shared_backbone.io import write_json
 from shared_backbone.plots import plot_ensemble_report
 from shared_backbone.recipes import format_report, train_ensemble
@@ -37,6 +43,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--bootstrap", action="store_true", help="with --data own: bootstrap samples per member")
     ap.add_argument("--execution", choices=["auto", "vmap", "loop"], default="auto",
                     help="members in one vmapped call or a loop; auto = vmap on CUDA, loop on CPU (faster on 2 cores today)")
+    ap.add_argument("--parallel", choices=PARALLEL_MODES, default="members",
+                    help="with several processes: split the members (no gradient traffic) or the data (DDP)")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                    help="autocast the forward (bf16 works on CPUs too; fp16 needs CUDA)")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps (mid-epoch)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ood", default="mnist5k", help="'mnist5k' or 'none'")
     ap.add_argument("--out", default="runs/ensemble", help="results, plot and saved ensemble go here")
@@ -45,6 +57,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    accelerator = make_accelerator(args.mixed_precision)
+    main_process = accelerator.is_main_process
     execution = args.execution if args.execution != "auto" else ("vmap" if torch.cuda.is_available() else "loop")
     out = Path(args.out)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -55,15 +69,19 @@ def main(argv=None) -> dict:
         task=args.task, config=config, warm_start_epochs=args.warm_start_epochs,
         train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
         seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out, progress=not args.no_progress,
-        vectorized=execution == "vmap",
+        vectorized=execution == "vmap", accelerator=accelerator, parallel=args.parallel, resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
     )
-    save_ensemble(ens, out / "ensemble")
     report["execution"] = execution
-    write_json(out / "results.json", report)
-    plot_ensemble_report(report["metrics"], out / "report.png")
-    print()
-    print(format_report(report))
-    print(f"\nresults: {out / 'results.json'}   plot: {out / 'report.png'}   ensemble: {out / 'ensemble'}/")
+    report["mixed_precision"] = args.mixed_precision
+    if main_process:
+        save_ensemble(ens, out / "ensemble")
+        write_json(out / "results.json", report)
+        plot_ensemble_report(report["metrics"], out / "report.png")
+        print()
+        print(format_report(report))
+        print(f"\nresults: {out / 'results.json'}   plot: {out / 'report.png'}   ensemble: {out / 'ensemble'}/")
+    accelerator.wait_for_everyone()
     return report
 
 

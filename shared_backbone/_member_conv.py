@@ -71,6 +71,7 @@ def _dense_over_members(x, xd, w, stride, padding, dilation):
 
 def member_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
     """``F.conv2d`` (groups=1) with a fast batching rule. Shape: ``(N, C, H, W) -> (N, O, H', W')``."""
+    x, w = _autocast(x, w)
     out = _member_conv2d(x, w, list(stride), list(padding), list(dilation))
     return out if bias is None else out + bias.view(-1, 1, 1)
 
@@ -200,7 +201,18 @@ def split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride, pa
 
     Shape: ``(N, C, H, W)``, ``wl (n, C, kh, kw)``, ``wf (O - n, C, kh, kw)`` -> ``(N, O, H', W')``.
     """
+    x, wl, wf = _autocast(x, wl, wf)
     return _split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation))
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the inputs in the autocast dtype, as ``F.conv2d`` would have them (a custom op
+    is not cast by autocast itself, and its backward must see one dtype)."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 # -- member batch norm: every member's channels as one (N, K*C, H, W) batch norm ---------------------

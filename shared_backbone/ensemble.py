@@ -1,12 +1,14 @@
 """K members over one frozen backbone, run in one vmapped call."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterable
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .frozen import FrozenBackbone, init_module
 from .slices import SliceLayout, SliceSpec, resolve
@@ -65,6 +67,7 @@ class MemberStack(nn.Module):
         bb = frozen.backbone
         self.frozen_ref = frozen.fingerprint
         self.members, self.layout, self.data = members, layout, data
+        self.member_ids = list(range(members))  # global indices (member-parallel stacks hold a run of them)
         self.in_channels = getattr(bb, "in_channels", None)
         stages = list(bb.stages.keys())
         owned = {_stage_of(n) for n in layout}
@@ -141,16 +144,38 @@ class MemberStack(nn.Module):
             elif n in shared:
                 shared[n].copy_(t)
 
+    def select(self, ids: list[int]) -> "MemberStack":
+        """A stack of members ``ids`` only, sharing this one's frozen tensors (member-parallel training).
+
+        Its slices and statistics are copies; ``member_ids`` keeps the global indices, which seed
+        each member's own data order.
+        """
+        for i in ids:
+            self._check_member(i)
+        if not ids:
+            raise ValueError("select needs at least one member index")
+        sub = copy.copy(self)
+        sub._modules = dict(self._modules)
+        sub.slices = nn.ParameterDict({n: nn.Parameter(p.detach()[ids].clone(), requires_grad=p.requires_grad)
+                                       for n, p in self.slices.items()})
+        sub.member_stats = _Tensors({n: b[ids].clone() for n, b in self.member_stats.as_dict().items()},
+                                    persistent=True)
+        sub.members, sub.member_ids = len(ids), [self.member_ids[i] for i in ids]
+        return sub
+
     def _check_member(self, i: int) -> None:
         if not (isinstance(i, int) and 0 <= i < self.members):
             raise IndexError(f"member index must be in [0, {self.members}), got {i!r}")
 
     # -- forward ------------------------------------------------------------------------------
     def _run(self, stages: Iterable[str], tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        for s in stages:
-            p = f"stages.{s}."
-            sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
-            h = functional_call(self._template.stages[s], sub, (h,))
+        # tensors outside the stages (a spatial weight that every LC-Block slices) sit on the root
+        outer = {k: v for k, v in tensors.items() if not k.startswith("stages.")}
+        with _reparametrize_module(self._template, outer) if outer else contextlib.nullcontext():
+            for s in stages:
+                p = f"stages.{s}."
+                sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+                h = functional_call(self._template.stages[s], sub, (h,))
         return h
 
     def _member_forward(self, slices: dict, stats: dict, h: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,12 @@ def load_train_test(task: str = "fashion_mnist", train_subset: int | None = None
 
 
 def warm_start(backbone_name: str, backbone_cfg: dict, train: TensorData, epochs: int, config: TrainConfig,
-               seed: int = 0, progress: bool = True) -> FrozenBackbone:
+               seed: int = 0, progress: bool = True, accelerator=None) -> FrozenBackbone:
     """Train the full network for ``epochs`` and freeze it: the partial-learning paper's ensemble set-up."""
     frozen = FrozenBackbone(build_backbone(backbone_name, **backbone_cfg), seed=seed)
     model = Ensemble(frozen, Full(), members=1, member_init="backbone")
     cfg = TrainConfig.from_dict({**asdict(config), "epochs": epochs})
-    fit(model, train, None, cfg, progress=progress)
+    fit(model, train, None, cfg, accelerator=accelerator, progress=progress)
     return FrozenBackbone.from_module(model.member(0))
 
 
@@ -46,17 +46,19 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: int = 0,
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", out_dir: str | Path | None = None,
-                   progress: bool = True, vectorized: bool = True) -> tuple[Ensemble, dict, dict]:
+                   progress: bool = True, vectorized: bool = True, accelerator=None, parallel: str = "data",
+                   resume: bool = False, checkpoint_every: int | None = None) -> tuple[Ensemble, dict, dict]:
     """Train a K-member ensemble of ``spec`` slices; return ``(ensemble, report, arrays)``.
 
-    ``report`` is JSON-ready; ``arrays`` holds the test and OOD logits for plots.
+    ``report`` is JSON-ready; ``arrays`` holds the test and OOD logits for plots. ``accelerator``,
+    ``parallel``, ``resume`` and ``checkpoint_every`` go to :func:`~shared_backbone.train.fit`.
     """
     config = config or TrainConfig(seed=seed)
     train, test, card = load_train_test(task, train_subset, test_subset, seed)
     cfg = {"in_channels": card.input_shape[0], "num_classes": card.num_classes, **(backbone_cfg or {})}
     t0 = time.perf_counter()
     if warm_start_epochs:
-        frozen = warm_start(backbone, cfg, train, warm_start_epochs, config, seed, progress)
+        frozen = warm_start(backbone, cfg, train, warm_start_epochs, config, seed, progress, accelerator)
         member_init = "backbone"
         data = "own" if data == "shared" else data  # same start: members differ by their data order
     else:
@@ -65,7 +67,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     warm_seconds = time.perf_counter() - t0
     ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
                    vectorized=vectorized)
-    record = fit(ens, train, test, config, out_dir=out_dir, progress=progress)
+    record = fit(ens, train, test, config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
+                 resume=resume, checkpoint_every=checkpoint_every, progress=progress)
     logits = record.pop("_test_logits")
     arrays = {"test_logits": logits, "test_labels": test.y.cpu()}
     ood_logits = None

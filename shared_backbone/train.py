@@ -18,7 +18,7 @@ from .data import TensorData
 from .ensemble import MemberStack
 from .io import load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["TrainConfig", "fit", "predict", "NonFiniteLoss"]
+__all__ = ["TrainConfig", "fit", "predict", "predict_sharded", "NonFiniteLoss"]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -77,12 +77,16 @@ def _steps_per_epoch(n: int, cfg: TrainConfig) -> int:
 
 
 def _member_batches(model: MemberStack, train: TensorData, cfg: TrainConfig, epoch: int, sets):
-    """Yield ``(x, y)``: shared ``(N, ...)``/``(N,)`` or one batch per member ``(K, N, ...)``/``(K, N)``."""
+    """Yield ``(x, y)``: shared ``(N, ...)``/``(N,)`` or one batch per member ``(K, N, ...)``/``(K, N)``.
+
+    Every member's stream is seeded by its global index, so a member sees the same batches whether
+    it trains alone, with the others, or on another process.
+    """
     if model.data == "shared":
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         yield from train.batches(cfg.batch_size, shuffle=True, generator=g, augment=cfg.augment)
         return
-    gens = [torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + i) for i in range(model.members)]
+    gens = [torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + i) for i in model.member_ids]
     streams = [d.batches(cfg.batch_size, shuffle=True, generator=g, augment=cfg.augment) for d, g in zip(sets, gens)]
     for parts in zip(*streams):
         yield torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
@@ -101,74 +105,171 @@ def predict(model: MemberStack, data: TensorData, batch_size: int = 1000, *, pro
     return torch.cat(outs, dim=1)
 
 
-def _save_checkpoint(path: Path, model: MemberStack, opt: torch.optim.Optimizer, epoch: int, step: int, cfg: TrainConfig):
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    for idx, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim/{idx}/{k}"] = v
+def _gather_members(accelerator, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every process's ``(K_p, ...)`` members along dim 0 (padded to one size for the collective)."""
+    if accelerator.num_processes == 1:
+        return t
+    kmax = max(counts)
+    pad = t.new_zeros(kmax - t.shape[0], *t.shape[1:])
+    every = accelerator.gather(torch.cat([t, pad]).contiguous())  # (P * kmax, ...)
+    return torch.cat([every[p * kmax: p * kmax + c] for p, c in enumerate(counts)])
+
+
+def _momenta(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+
+
+def _full_state(accelerator, full: MemberStack, local: MemberStack, opt, params, counts) -> dict[str, torch.Tensor]:
+    """The whole stack's slices, statistics and momenta, gathered from every process when members are split."""
+    split = local is not full
+    tensors = {}
+    for k, v in local.state_dict().items():
+        member_axis = k.startswith(("slices.", "member_stats."))
+        tensors[f"model/{k}"] = (_gather_members(accelerator, v.detach(), counts) if split and member_axis
+                                 else v.detach()).cpu()
+    for i, m in enumerate(_momenta(opt, params)):
+        if m is not None:
+            tensors[f"optim/{i}/momentum_buffer"] = (_gather_members(accelerator, m, counts) if split else m).cpu()
+    return tensors
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], position: dict, cfg: TrainConfig) -> None:
+    """Atomically: slices, statistics and optimizer momenta as safetensors, the position as JSON."""
     save_tensors(path / "state.safetensors", tensors)
-    write_json(path / "state.json", {"epoch": epoch, "step": step, "config": asdict(cfg)})
+    write_json(path / "state.json", {**position, "config": asdict(cfg)})
 
 
-def _load_checkpoint(path: Path, model: MemberStack, opt: torch.optim.Optimizer) -> tuple[int, int]:
+def _load_checkpoint(path: Path, local: MemberStack, opt: torch.optim.Optimizer, params, ids: list[int] | None) -> dict:
+    """Load a whole-stack checkpoint into ``local`` (its members ``ids`` only, when split)."""
     meta = read_json(path / "state.json")
     tensors, _ = load_tensors(path / "state.safetensors")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    sd = opt.state_dict()
-    state: dict = {}
+    state = {}
     for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, idx, name = k.split("/", 2)
-            state.setdefault(int(idx), {})[name] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return int(meta["epoch"]), int(meta["step"])
+        if k.startswith("model/"):
+            k = k[len("model/"):]
+            state[k] = v[ids] if ids is not None and k.startswith(("slices.", "member_stats.")) else v
+    local.load_state_dict(state)
+    for i, p in enumerate(params):
+        m = tensors.get(f"optim/{i}/momentum_buffer")
+        if m is not None:
+            opt.state[p]["momentum_buffer"] = (m[ids] if ids is not None else m).to(p.device).clone()
+    return meta
+
+
+def _eval_loader(accelerator, data: TensorData, batch_size: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return accelerator.prepare_data_loader(DataLoader(TensorDataset(data.x, data.y), batch_size=batch_size))
+
+
+@torch.no_grad()
+def predict_sharded(model: MemberStack, data: TensorData, accelerator, batch_size: int = 1000) -> torch.Tensor:
+    """Member logits on ``data``, each process evaluating its shard; gathered without the padding
+    duplicates Accelerate adds to even out the shards. Shape: ``(K, N, C)`` on every process, on the CPU."""
+    was = model.training
+    model.eval()
+    outs = []
+    for x, _ in _eval_loader(accelerator, data, batch_size):
+        logits = model(x.to(accelerator.device)).float()  # (K, n, C)
+        outs.append(accelerator.gather_for_metrics(logits.transpose(0, 1).contiguous()).cpu())  # (n_all, K, C)
+    model.train(was)
+    return torch.cat(outs).transpose(0, 1)
 
 
 def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, config: TrainConfig | None = None,
-        *, accelerator=None, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+        *, accelerator=None, parallel: str = "data", out_dir: str | Path | None = None, resume: bool = False,
+        checkpoint_every: int | None = None, on_step=None, progress: bool = True) -> dict:
     """Train every member's slice; return a JSON-ready record (losses, test logits' metrics, time).
 
     Each member gets its own cross-entropy; their sum is minimised, so K members train exactly as
     K independent models would. A NaN or infinite loss stops training with :class:`NonFiniteLoss`.
+
+    Under ``accelerate launch``/``torchrun`` with several processes, ``parallel="data"`` shards each
+    global batch over processes (DDP averages the gradients) and ``parallel="members"`` splits the
+    members over processes (no gradient traffic; see :mod:`shared_backbone.distributed`). Either
+    way ``model`` ends with every member trained, on every process.
+
+    Checkpoints (``out_dir/checkpoint``: safetensors + JSON, written atomically) hold the whole
+    stack whatever the process count, at every epoch's end and every ``checkpoint_every`` steps;
+    ``resume`` continues from one mid-epoch to the same result as an uninterrupted run.
+    ``on_step(step)`` is called after each optimizer step (and its checkpoint).
     """
-    from accelerate import Accelerator
+    from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
 
     cfg = config or TrainConfig()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    params = [p for p in model.parameters() if p.requires_grad]
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
+    accelerator = accelerator or make_accelerator()
+    check_process_group(accelerator)
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    full = model
+    split = parallel == "members" and procs > 1
+    ids = counts = None
+    if split:
+        counts = [len(member_split(full.members, procs, p)) for p in range(procs)]  # refuses K < processes
+        with accelerator.split_between_processes(list(range(full.members))) as mine:
+            ids = list(mine)
+        local = full.select(ids).to(accelerator.device)
+    else:
+        local = full.to(accelerator.device)
+    params = [p for p in local.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     steps = _steps_per_epoch(len(train), cfg)
     total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    model, opt = accelerator.prepare(model, opt)
-    inner: MemberStack = accelerator.unwrap_model(model)
-    train = train.to(accelerator.device)
-    sets = None
-    if inner.data == "own":
-        gens = [torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in range(inner.members)]
-        sets = [train.bootstrap(g) if cfg.bootstrap else train for g in gens]
-
     ckpt = Path(out_dir) / "checkpoint" if out_dir else None
-    start_epoch, step, history = 0, 0, []
+    position = {"epoch": 0, "step_in_epoch": 0, "step": 0}
+    history: list = []
     if resume and ckpt and (ckpt / "state.json").exists():
-        start_epoch, step = _load_checkpoint(ckpt, inner, opt)
+        meta = _load_checkpoint(ckpt, local, opt, params, ids)
+        position = {"epoch": int(meta["epoch"]), "step_in_epoch": int(meta.get("step_in_epoch", 0)),
+                    "step": int(meta["step"])}
         history = read_json(Path(out_dir) / "history.json") if (Path(out_dir) / "history.json").exists() else []
-        sched.last_epoch = step - 1
+        history = [h for h in history if h["epoch"] <= position["epoch"]]
+        sched.last_epoch = position["step"] - 1
         with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
             warnings.simplefilter("ignore", UserWarning)
             sched.step()
+    # DDP only when it has something to average: data-parallel over several processes
+    wrapped = accelerator.prepare_model(local) if parallel == "data" and procs > 1 else local
+    opt = accelerator.prepare_optimizer(opt)
+    train = train.to(accelerator.device)
+    sets = None
+    if local.data == "own":
+        gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in local.member_ids}
+        sets = [train.bootstrap(gens[i]) if cfg.bootstrap else train for i in local.member_ids]
+    shard = parallel == "data" and procs > 1
+
+    def checkpoint(epoch: int, step_in_epoch: int, step: int) -> None:
+        tensors = _full_state(accelerator, full, local, opt.optimizer, params, counts)  # collective: every rank
+        if accelerator.is_main_process:
+            _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step}, cfg)
+            write_json(Path(out_dir) / "history.json", history)
+        accelerator.wait_for_everyone()
+
     t0 = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not accelerator.is_main_process)
-        for i, (x, y) in enumerate(_member_batches(inner, train, cfg, epoch, sets)):
+    wrapped.train()
+    step = position["step"]
+    for epoch in range(position["epoch"], cfg.epochs):
+        skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or not accelerator.is_main_process)
+        for i, (x, y) in enumerate(_member_batches(local, train, cfg, epoch, sets)):
             if i >= steps:
                 break
-            logits = model(x)  # (K, N, C)
+            if i < skip:  # resuming mid-epoch: replay the stream (same order, same augmentation draws)
+                continue
+            if shard:  # this process's part of the global batch
+                dim = y.dim() - 1
+                x, y = x.tensor_split(procs, dim=dim)[rank], y.tensor_split(procs, dim=dim)[rank]
+            with accelerator.autocast():
+                logits = wrapped(x)  # (K, N, C)
+            if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+                logits = logits.float()
             target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (K, N)
             loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
             loss = loss * logits.shape[0]  # sum over members of each member's mean loss
@@ -182,21 +283,37 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             opt.step()
             sched.step()
             step += 1
-            loss_sum += loss.item() / logits.shape[0] * y.shape[-1]
+            n = y.shape[-1]
+            loss_sum += loss.item() / logits.shape[0] * n
             correct += (logits.argmax(-1) == target).float().mean(0).sum().item()
-            seen += y.shape[-1]
+            seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             bar.update()
+            if ckpt and checkpoint_every and step % checkpoint_every == 0 and i + 1 < steps:
+                checkpoint(epoch, i + 1, step)
+            if on_step is not None:
+                on_step(step)
         bar.close()
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)})
-        if ckpt and accelerator.is_main_process:
-            _save_checkpoint(ckpt, inner, opt, epoch + 1, step, cfg)
-            write_json(Path(out_dir) / "history.json", history)
-    record = {"config": asdict(cfg), "history": history, "train_seconds": time.perf_counter() - t0, "steps": step}
+        totals = torch.tensor([loss_sum, correct, float(seen)], dtype=torch.float64, device=accelerator.device)
+        if procs > 1:
+            totals = accelerator.reduce(totals, "sum")
+        loss_sum, correct, seen = totals.tolist()
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                        "train_accuracy": correct / max(seen, 1)})
+        if ckpt:
+            checkpoint(epoch + 1, 0, step)
+    if split:  # every process ends with every member
+        with torch.no_grad():
+            state = _full_state(accelerator, full, local, opt.optimizer, params, counts)
+            full.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
+    record = {"config": asdict(cfg), "history": history, "train_seconds": time.perf_counter() - t0, "steps": step,
+              "processes": procs, "parallel": parallel}
     if test is not None:
         from .metrics import evaluate_ensemble
 
-        logits = predict(inner, test, cfg.eval_batch_size)
+        logits = predict_sharded(full, test, accelerator, cfg.eval_batch_size) if procs > 1 else \
+            predict(full, test, cfg.eval_batch_size)
         record["test"] = evaluate_ensemble(logits, test.y.cpu())
         record["_test_logits"] = logits
     return record
+
