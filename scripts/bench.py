@@ -10,12 +10,20 @@ ratios (paired within one repeat, so a burst of load from other work hits both s
 
 Suites (``--only``):
   slice_step     one step of ResNet-20 w16 (1x28x28, batch 128): Full() vs Filters(0.1), K=1 each
-  ensemble_step  K=8 members of Filters(0.1)+BatchNorm()+Head(): vmapped vs Python loop
-                 (``forward(x, vectorized=False)``), NCHW and channels_last input, vs 8 x one
-                 plain fully trained model's step
+  ensemble_step  K=8 members of Filters(0.1)+BatchNorm()+Head(): vmapped vs a naive loop over 8
+                 separate plain modules (full weight gradients, fixed rows masked by hooks) vs
+                 this library's own loop (``forward(x, vectorized=False)``) vs 8 x one plain
+                 fully trained model's step
   shared_prefix  Head()-only and Blocks("block3") ensembles of 8 vs one full model step
   memory         peak memory of one training step (one subprocess per case) and bytes stored
                  per member (``describe``) vs one full model
+  lc             LCResNet-20-16xE (E = 8, 32, 128; spatial frozen, plain module + SGD): fused vs
+                 unfused LC-Blocks, fused x128 vs a plain ResNet-20-16 step; peak memory of each
+  distributed    K=8 members trained by fit() in 1 process vs 2 (accelerate launch), member-parallel
+                 vs data-parallel, fresh processes, the cores split evenly between processes
+  adapters       serving (eval forward, no grad): one mixed batch of 4 tasks through AdapterBank
+                 (one vmapped call) vs 4 separate per-task forwards on the same samples; bytes on
+                 disk per task adapter vs one full model
 
 Usage:
   .venv/bin/python scripts/bench.py --out results/bench.json
@@ -47,7 +55,7 @@ from shared_backbone import (  # noqa: E402
 )
 from shared_backbone.io import write_json  # noqa: E402
 
-SUITES = ("slice_step", "ensemble_step", "shared_prefix", "memory")
+SUITES = ("slice_step", "ensemble_step", "shared_prefix", "memory", "lc", "adapters", "distributed")
 ENSEMBLE_SPEC = "Filters(0.1)+BatchNorm()+Head()"
 
 # recipe of fit(): SGD Nesterov, weight decay, label smoothing
@@ -138,7 +146,43 @@ class Bench:
         return step, model
 
 
+def _naive_loop_case(self, spec, members: int) -> Callable[[], None]:
+    """What a user writes without this library: K separate plain modules, every weight requiring
+    a gradient, the fixed filters' gradients zeroed by hooks (the partial-learning paper's way)."""
+    from shared_backbone.slices import resolve
+
+    layout = resolve(spec, self.frozen.backbone)
+    ens = Ensemble(self.frozen, spec, members=members, seed=0)
+    models = [ens.member(i).to(self.device).train() for i in range(members)]
+    params = []
+    for m in models:
+        for name, p in m.named_parameters():
+            sl = layout.get(name)
+            p.requires_grad_(sl is not None)
+            if sl is not None and not sl.whole:
+                mask = torch.zeros_like(p)
+                mask.narrow(sl.dim, 0, sl.n).fill_(1)
+                p.register_hook(lambda g, mask=mask: g * mask)
+            if p.requires_grad:
+                params.append(p)
+    opt = self._sgd(params)
+    x, y = self.x, self.y
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for m in models:
+            F.cross_entropy(m(x), y, label_smoothing=SMOOTH).backward()
+        opt.step()
+
+    return step
+
+
+Bench.naive_loop_case = _naive_loop_case
+
+
 def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
+    if suite == "lc":
+        return lc_cases(bench)
     k = bench.cfg["members"]
     ens_spec = Filters(0.1) + BatchNorm() + Head()
     if suite == "slice_step":
@@ -150,9 +194,8 @@ def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
         return {
             "vmap": bench.ensemble_case(ens_spec, k)[0],
             "loop": bench.ensemble_case(ens_spec, k, vectorized=False)[0],
-            "vmap_channels_last": bench.ensemble_case(ens_spec, k, channels_last=True)[0],
-            "loop_channels_last": bench.ensemble_case(ens_spec, k, vectorized=False, channels_last=True)[0],
             "full_plain_x1": bench.plain_case()[0],
+            "naive_loop": bench.naive_loop_case(ens_spec, k),
         }
     if suite == "shared_prefix":
         return {
@@ -160,7 +203,62 @@ def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
             "block3_K8": bench.ensemble_case(Blocks("block3"), k)[0],
             "full_plain_x1": bench.plain_case()[0],
         }
+    if suite == "adapters":
+        return adapter_cases(bench)
     raise ValueError(suite)
+
+
+ADAPTER_TASKS = (("a", 10), ("b", 10), ("c", 4), ("d", 10))  # (name, classes): 4 tasks, one spec
+
+
+def _adapter_bank(bench: Bench):
+    from shared_backbone import AdapterBank
+
+    bank = AdapterBank(bench.frozen)
+    for i, (name, classes) in enumerate(ADAPTER_TASKS):
+        bank.add_task(name, Filters(0.1) + BatchNorm() + Head(), num_classes=classes, seed=i)
+    return bank.to(bench.device).eval()
+
+
+def adapter_cases(bench: Bench) -> dict[str, Callable[[], None]]:
+    """Serving: a mixed batch of 4 tasks in one vmapped call vs 4 per-task forwards on the same samples."""
+    bank = _adapter_bank(bench)
+    names = [t for t, _ in ADAPTER_TASKS]
+    n = bench.x.shape[0]
+    tasks = [names[i % len(names)] for i in range(n)]  # interleaved: every task in every batch
+    index = {t: torch.tensor([i for i in range(n) if tasks[i] == t], device=bench.device) for t in names}
+
+    @torch.no_grad()
+    def mixed() -> None:
+        bank(bench.x, tasks=tasks)  # (N, C_max)
+
+    @torch.no_grad()
+    def separate() -> None:
+        for t in names:
+            bank(bench.x[index[t]], task=t)  # (N/4, C_t) each
+
+    return {"mixed_4tasks": mixed, "separate_4x": separate}
+
+
+def adapter_storage(bench: Bench) -> dict:
+    """Bytes on disk of each task's adapter folder vs one full model's tensors."""
+    import tempfile
+
+    from shared_backbone.adapters import ADAPTER_WEIGHTS, adapter_bytes
+
+    bank = _adapter_bank(bench)
+    full_bytes = sum(t.numel() * t.element_size() for t in bench.frozen.tensors().values())
+    per_task = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, _ in ADAPTER_TASKS:
+            d = bank.save_adapter(name, Path(tmp) / name)
+            per_task[name] = {"adapter_bytes": adapter_bytes(d), "learned": bank.adapter(name).num_learned(),
+                              "safetensors_bytes": (d / ADAPTER_WEIGHTS).stat().st_size}
+    mean = statistics.mean(v["adapter_bytes"] for v in per_task.values())
+    return {"spec": repr(bank.adapter("a").spec), "per_task": per_task, "full_model_bytes": full_bytes,
+            "mean_adapter_over_full": mean / full_bytes,
+            "note": "adapter_bytes = adapter_config.json + adapter_model.safetensors (slice, head, every BN "
+                    "statistic); full model = the backbone's state dict tensors"}
 
 
 # (name, numerator, denominator, numerator scale, denominator scale, target op, target value)
@@ -169,12 +267,13 @@ RATIOS = {
         ("slice_over_full", "filters0.1_K1", "full_K1", 1, 1, "<", 1.0),
     ],
     "ensemble_step": [
-        ("loop_over_vmap", "loop", "vmap", 1, 1, ">=", 1.3),
+        ("naive_loop_over_vmap", "naive_loop", "vmap", 1, 1, ">=", 1.3),
+        ("loop_over_vmap", "loop", "vmap", 1, 1, None, None),
         ("vmap_over_8x_full", "vmap", "full_plain_x1", 1, "K", "<=", 1.0),
-        ("loop_over_vmap_channels_last", "loop_channels_last", "vmap_channels_last", 1, 1, ">=", 1.3),
-        ("vmap_channels_last_over_8x_full", "vmap_channels_last", "full_plain_x1", 1, "K", "<=", 1.0),
-        ("vmap_channels_last_over_vmap", "vmap_channels_last", "vmap", 1, 1, None, None),
         ("loop_over_8x_full", "loop", "full_plain_x1", 1, "K", None, None),
+    ],
+    "adapters": [
+        ("separate_over_mixed", "separate_4x", "mixed_4tasks", 1, 1, None, None),
     ],
     "shared_prefix": [
         ("head_K8_over_full", "head_K8", "full_plain_x1", 1, 1, "<=", 1.5),
@@ -311,7 +410,9 @@ def mem_child(args) -> None:
     bench = Bench(make_config(args), device)
     k = bench.cfg["members"]
     spec = Filters(0.1) + BatchNorm() + Head()
-    if args._mem_case == "ensemble_K8_vmap":
+    if args._mem_case.startswith("lc_"):
+        step = lc_step_from_name(bench, args._mem_case)
+    elif args._mem_case == "ensemble_K8_vmap":
         step, _ = bench.ensemble_case(spec, k)
     elif args._mem_case == "ensemble_K8_loop":
         step, _ = bench.ensemble_case(spec, k, vectorized=False)
@@ -344,6 +445,60 @@ def mem_child(args) -> None:
         res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before,
                "method": "ru_maxrss delta"}
     print("MEMRESULT " + json.dumps(res), flush=True)
+
+
+def distributed_suite(args) -> dict:
+    """K=8 members trained by ``fit`` in 1 process vs 2 processes (``accelerate launch``), member-
+    and data-parallel. Each run in fresh processes; the cores are split evenly between processes
+    (on this 2-core CPU: 1 process x 2 threads vs 2 processes x 1 thread). On GPUs run
+    ``scripts/bench.py --only distributed --device cuda --processes N`` on an N-GPU machine."""
+    import socket
+    import tempfile
+
+    worker = str(ROOT / "scripts" / "_dist_bench_worker.py")
+    procs = args.processes
+    cores = os.cpu_count() or 1
+    threads_one = max(1, min(args.threads, cores))
+    threads_many = max(1, threads_one // procs)
+    steps = 2 if args.quick else 6
+    common = ["--steps", str(steps), "--warmup", "1" if args.quick else "2"] + \
+        (["--width", "4", "--batch", "32", "--image", "16"] if args.quick else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_many)}
+
+    def port() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return str(s.getsockname()[1])
+
+    runs: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = [("one_process", [sys.executable, worker], threads_one, "members")]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        for mode in ("members", "data"):
+            plan.append((f"{procs}proc_{mode}", launch + ["--main_process_port", port(), worker], threads_many, mode))
+        for r in range(args.repeats):
+            for name, cmd, threads, mode in plan:
+                out = Path(tmp) / f"{name}_{r}.json"
+                proc = subprocess.run(cmd + [str(out), "--parallel", mode, "--threads", str(threads)] + common,
+                                      capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+                if proc.returncode != 0 or not out.exists():
+                    raise RuntimeError(f"distributed case {name} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+                runs.setdefault(name, []).append(json.loads(out.read_text()))
+                print(f"  [distributed] {name} repeat {r + 1}: {runs[name][-1]['median_step_s']:.3f} s/step", flush=True)
+    cases = {n: {"median_s": statistics.median(x["median_step_s"] for x in v),
+                 "all_s": [x["median_step_s"] for x in v], "processes": v[0]["processes"],
+                 "threads_per_process": v[0]["threads_per_process"]} for n, v in runs.items()}
+    one = cases["one_process"]["median_s"]
+    ratios = {
+        f"one_over_{procs}proc_members": {"value": one / cases[f"{procs}proc_members"]["median_s"], "met": None},
+        f"one_over_{procs}proc_data": {"value": one / cases[f"{procs}proc_data"]["median_s"], "met": None},
+        "data_over_members": {"value": cases[f"{procs}proc_data"]["median_s"] / cases[f"{procs}proc_members"]["median_s"],
+                              "met": None},
+    }
+    return {"cases": cases, "ratios": ratios, "cores": cores,
+            "note": f"seconds per optimizer step of K=8 members (global batch {32 if args.quick else 128}), "
+                    "median over steps, then over repeats; every process count shares the same cores"}
 
 
 def memory_suite(bench: Bench, args) -> dict:
@@ -397,6 +552,124 @@ def memory_suite(bench: Bench, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# lc: LC-Blocks (issue 4), fused vs unfused, vs a plain ResNet-20, peak memory
+# ---------------------------------------------------------------------------------------------
+LC_UNFUSED_CAP = 3 * 2**30  # bytes of (N, c_out*E, H, W) activations the unfused path may keep for backward
+
+
+def lc_expansions(cfg: dict) -> tuple[int, ...]:
+    return (2, 4, 8) if cfg["quick"] else (8, 32, 128)
+
+
+def lc_unfused_bytes(cfg: dict, expansion: int, batch: int) -> int:
+    """float32 outputs of the unfused LC-Blocks' k x k convs of a ResNet-20 (kept for the 1x1s' backward)."""
+    s1, w = cfg["image"], cfg["width"]
+    s2 = -(-s1 // 2)
+    s3 = -(-s2 // 2)
+    layers = ((7, w, s1), (6, 2 * w, s2), (6, 4 * w, s3))  # stem + block1, block2, block3
+    return sum(n * batch * c * expansion * s * s * 4 for n, c, s in layers)
+
+
+def lc_batch(cfg: dict, expansion: int) -> int:
+    """The batch the unfused case runs at: halved until its activations fit LC_UNFUSED_CAP."""
+    b = cfg["batch"]
+    while b > 1 and lc_unfused_bytes(cfg, expansion, b) > LC_UNFUSED_CAP:
+        b //= 2
+    return b
+
+
+def lc_case(bench: Bench, expansion: int, fused: bool, batch: int, sharing: str = "none") -> Callable[[], None]:
+    """One training step of LCResNet-20-{W}x{E} with frozen spatial filters (plain module, SGD)."""
+    from shared_backbone.lc import freeze_spatial
+
+    cfg = bench.cfg
+    torch.manual_seed(cfg["seed"])
+    model = build_backbone("lcresnet20", in_channels=cfg["in_channels"], width=cfg["width"],
+                           num_classes=cfg["num_classes"], expansion=expansion, fused=fused, sharing=sharing,
+                           share_fraction=1 / 16 if sharing == "recycled" else 1.0).to(bench.device).train()
+    opt = torch.optim.SGD(freeze_spatial(model), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+    x, y = bench.x[:batch], bench.y[:batch]
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def lc_case_names(cfg: dict) -> dict[str, tuple]:
+    """``{case: (E, fused, batch[, sharing])}``; where the unfused case needs a smaller batch, a fused twin
+    runs at it; the largest E also runs with global and recycled (1/16) weight sharing."""
+    out = {}
+    for e in lc_expansions(cfg):
+        b = lc_batch(cfg, e)
+        out[f"fused_E{e}"] = (e, True, cfg["batch"])
+        out[f"unfused_E{e}" + ("" if b == cfg["batch"] else f"_b{b}")] = (e, False, b)
+        if b != cfg["batch"]:
+            out[f"fused_E{e}_b{b}"] = (e, True, b)
+    e = max(lc_expansions(cfg))
+    out[f"fused_E{e}_global"] = (e, True, cfg["batch"], "global")
+    out[f"fused_E{e}_recycled16"] = (e, True, cfg["batch"], "recycled")
+    return out
+
+
+def lc_cases(bench: Bench) -> dict[str, Callable[[], None]]:
+    cases = {n: lc_case(bench, *spec) for n, spec in lc_case_names(bench.cfg).items()}
+    cases["plain_resnet20"] = bench.plain_case()[0]
+    return cases
+
+
+def lc_ratios(cfg: dict) -> list[tuple]:
+    names = lc_case_names(cfg)
+    out = []
+    for e in lc_expansions(cfg):
+        (unfused,) = [n for n, (ee, f, *_) in names.items() if ee == e and not f]
+        b = names[unfused][2]
+        fused = f"fused_E{e}" + ("" if b == cfg["batch"] else f"_b{b}")
+        out.append((f"unfused_over_fused_E{e}", unfused, fused, 1, 1, ">=", 1.0))
+    e = max(lc_expansions(cfg))
+    out.append((f"fused_E{e}_over_plain_resnet20", f"fused_E{e}", "plain_resnet20", 1, 1, "<=", 1.3))
+    out.append((f"global_over_unshared_E{e}", f"fused_E{e}_global", f"fused_E{e}", 1, 1, None, None))
+    out.append((f"recycled16_over_unshared_E{e}", f"fused_E{e}_recycled16", f"fused_E{e}", 1, 1, None, None))
+    return out
+
+
+def lc_step_from_name(bench: Bench, name: str) -> Callable[[], None]:
+    """``lc_<case>`` of :func:`lc_case_names` (or ``lc_plain_resnet20``), for the memory subprocess."""
+    case = name[len("lc_"):]
+    if case == "plain_resnet20":
+        return bench.plain_case()[0]
+    names = lc_case_names(bench.cfg)
+    if case not in names:
+        raise SystemExit(f"unknown lc memory case {name!r}; known: {', '.join('lc_' + n for n in names)}")
+    return lc_case(bench, *names[case])
+
+
+def lc_suite(bench: Bench, args) -> dict:
+    RATIOS["lc"] = lc_ratios(bench.cfg)
+    body = time_suite(bench, "lc", args.repeats, args.warmup)
+    body["config"] = {"arch": "lcresnet20", "width": bench.cfg["width"], "expansions": list(lc_expansions(bench.cfg)),
+                      "trained": "1x1s, BN, head (freeze_spatial); SGD as in the other suites",
+                      "batches": {n: c[2] for n, c in lc_case_names(bench.cfg).items()},
+                      "unfused_cap_bytes": LC_UNFUSED_CAP,
+                      "note": "an unfused case whose k x k outputs exceed the cap runs at a halved batch, "
+                              "paired with a fused case at the same batch"}
+    base = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
+            "--device", bench.device.type, "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    mem = {"method": "as the memory suite: one fresh subprocess per case, peak over warmup + 1 steps", "cases": {}}
+    for case in (list(lc_case_names(bench.cfg)) + ["plain_resnet20"]) if args.lc_memory == "on" else []:
+        proc = subprocess.run(base + ["--_mem-case", f"lc_{case}"], capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMRESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"lc memory case {case} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+        mem["cases"][case] = json.loads(line[-1][len("MEMRESULT "):])
+    body["memory"] = mem
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
 def git_commit() -> dict:
@@ -428,6 +701,14 @@ def format_report(res: dict) -> str:
             lines.append(f"   stored per member ({s['spec']}): {s['stored_bytes_per_member']:,} B vs one full model "
                          f"{s['full_model_stored_bytes']:,} B  -> {s['member_over_full']:.4f}")
             continue
+        if suite == "distributed":
+            lines.append(f"   {body['note']}")
+            for n, c in body["cases"].items():
+                lines.append(f"   {n:<24}{c['median_s']:10.3f} s/step   ({c['processes']} x {c['threads_per_process']} "
+                             "threads)   " + " ".join(f"{t:.3f}" for t in c["all_s"]))
+            for n, r in body["ratios"].items():
+                lines.append(f"   ratio {n:<34}{r['value']:8.3f}")
+            continue
         lines.append(f"   {'case':<24}{'median s':>10}{'min s':>10}{'max s':>10}   all")
         for n, c in body["cases"].items():
             lines.append(f"   {n:<24}{c['median_s']:10.3f}{c['min_s']:10.3f}{c['max_s']:10.3f}   "
@@ -437,6 +718,14 @@ def format_report(res: dict) -> str:
             tgt = f"target {r['target']}" if r["target"] else ""
             lines.append(f"   ratio {n:<34}{r['value']:8.3f}  (paired {r['median_of_paired']:.3f})  "
                          f"{tgt}{met}")
+        for n, c in body.get("memory", {}).get("cases", {}).items():
+            lines.append(f"   memory {n:<26} step peak +{c['delta_bytes'] / 2**20:9.1f} MiB")
+        if suite == "adapters":
+            st = body["storage"]
+            for n, t in st["per_task"].items():
+                lines.append(f"   adapter {n}: {t['adapter_bytes']:,} B on disk ({t['learned']:,} learned)")
+            lines.append(f"   one full model: {st['full_model_bytes']:,} B -> mean adapter / full "
+                         f"{st['mean_adapter_over_full']:.4f}")
         if "channels_last_check" in body:
             lines.append(f"   channels_last: {body['channels_last_check']}")
         if "profile" in body:
@@ -459,11 +748,14 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes (batch 4, 8x8) for smoke tests")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--processes", type=int, default=2, help="processes for the distributed suite")
     ap.add_argument("--only", default=",".join(SUITES),
                     help=f"comma-separated suites out of {', '.join(SUITES)}")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile one vmap and one loop ensemble step (auto: when vmap is slower than the loop)")
-    ap.add_argument("--_mem-case", dest="_mem_case", choices=MEM_CASES, help=argparse.SUPPRESS)
+    ap.add_argument("--lc-memory", choices=("on", "off"), default="on",
+                    help="lc suite: measure each case's peak memory in a subprocess (off: timings only)")
+    ap.add_argument("--_mem-case", dest="_mem_case", help=argparse.SUPPRESS)  # MEM_CASES or lc_*
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("--repeats must be >= 1, --warmup >= 0, --threads >= 1")
@@ -500,10 +792,18 @@ def main(argv=None) -> dict:
         if suite == "memory":
             res["suites"][suite] = memory_suite(bench, args)
             continue
+        if suite == "lc":
+            res["suites"][suite] = lc_suite(bench, args)
+            continue
+        if suite == "distributed":
+            res["suites"][suite] = distributed_suite(args)
+            continue
         body = time_suite(bench, suite, args.repeats, args.warmup)
+        if suite == "adapters":
+            body["storage"] = adapter_storage(bench)
         if suite == "ensemble_step":
             body["channels_last_check"] = channels_last_check(bench)
-            slower = body["ratios"]["loop_over_vmap"]["value"] < 1.0
+            slower = body["ratios"]["naive_loop_over_vmap"]["value"] < 1.0
             if args.profile == "always" or (args.profile == "auto" and slower):
                 print("  profiling one vmap and one loop step ...", flush=True)
                 body["profile"] = profile_steps(bench)

@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
                     help="with several processes: split the members (no gradient traffic) or the data (DDP)")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                     help="autocast the forward (bf16 works on CPUs too; fp16 needs CUDA)")
+    ap.add_argument("--precise-bn", type=int, default=20,
+                    help="batches to recompute BatchNorm statistics over after training (0 = off)")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps (mid-epoch)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,7 @@ def main(argv=None) -> dict:
     execution = args.execution if args.execution != "auto" else ("vmap" if torch.cuda.is_available() else "loop")
     out = Path(args.out)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         seed=args.seed, bootstrap=args.bootstrap)
+                         seed=args.seed, bootstrap=args.bootstrap, precise_bn=args.precise_bn)
     backbone_cfg = {"width": args.width} if "resnet" in args.backbone and "wide" not in args.backbone else {}
     ens, report, arrays = train_ensemble(
         parse_spec(args.slice), members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,

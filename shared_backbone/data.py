@@ -48,11 +48,14 @@ __all__ = [
     "augment_batch",
     "mnist5k",
     "sklearn_digits",
+    "read_imagefolder",
 ]
 
 Source = Literal["auto", "local", "hub"]
 SOURCES = ("auto", "local", "hub")
 BUILTIN_DATASETS = ("mnist5k", "sklearn_digits")  # ship inside installed packages, work offline
+IMAGEFOLDER = "imagefolder"  # a user's folder: <root>/<split>/<class name>/<image files>
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 AUGMENTATIONS = ("crop_padding", "hflip")
 TASKS_ENV = "SHARED_BACKBONE_TASKS"
 _PACKAGE_TASKS = Path(__file__).resolve().parents[1] / "tasks"
@@ -90,6 +93,8 @@ class TaskCard:
     split_sizes: dict[str, int] = field(default_factory=dict)
     augmentation: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    hub_config: str = ""  # the hub dataset's configuration name (e.g. SVHN's "cropped_digits")
+    label_map: tuple[int, ...] = ()  # relabelling: the source's label i becomes label_map[i]
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -121,6 +126,24 @@ class TaskCard:
             raise ValueError(f"task {self.name!r}: std must be positive, got {self.std}")
         self._check_augmentation()
         self._check_sources()
+        self._check_label_map()
+
+    def _check_label_map(self) -> None:
+        self.label_map = tuple(self.label_map)
+        if not self.label_map:
+            return
+        bad = [v for v in self.label_map if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(
+                f"task {self.name!r}: label_map values must be class indices 0..{self.num_classes - 1} "
+                f"(num_classes={self.num_classes}), got {bad[:5]}"
+            )
+        unused = sorted(set(range(self.num_classes)) - set(self.label_map))
+        if unused:
+            raise ValueError(
+                f"task {self.name!r}: num_classes={self.num_classes} but label_map never maps to class(es) "
+                f"{unused} ({[self.class_names[i] for i in unused]}); the class count does not match the map"
+            )
 
     def _check_augmentation(self) -> None:
         unknown = sorted(set(self.augmentation) - set(AUGMENTATIONS))
@@ -149,10 +172,10 @@ class TaskCard:
                 f"task {self.name!r}: built-in dataset {self.dataset!r} needs split_sizes for every split "
                 f"{list(self.splits)}, got {self.split_sizes}"
             )
-        if self.dataset not in BUILTIN_DATASETS and not self.hub_id and not self.local_files:
+        if self.dataset not in BUILTIN_DATASETS and self.dataset != IMAGEFOLDER and not self.hub_id and not self.local_files:
             raise ValueError(
-                f"task {self.name!r}: dataset {self.dataset!r} has no source; give hub_id and/or local_files, "
-                f"or use a built-in dataset id {list(BUILTIN_DATASETS)}"
+                f"task {self.name!r}: dataset {self.dataset!r} is unknown: it has no source; give hub_id and/or "
+                f"local_files, or use a built-in dataset id {list(BUILTIN_DATASETS + (IMAGEFOLDER,))}"
             )
 
     @property
@@ -339,6 +362,49 @@ def _how_to_get(card: TaskCard, split: str, data_dir: str | os.PathLike[str] | N
     return f"no data for task {card.name!r} split {split!r}{looked}. To get it: " + "; or ".join(ways or ["no source known"])
 
 
+def read_imagefolder(card: TaskCard, split: str, root: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``<root>/<split>/<class name>/*.png`` (or jpg, ...) into arrays, resized to the card's shape.
+
+    Class sub-folders must be exactly the card's ``class_names``; labels follow the card's order.
+    Images are converted to grayscale (C=1) or RGB (C=3) and resized bilinearly when their size differs.
+    Shape: images uint8 ``(N, C, H, W)``, labels int64 ``(N,)``.
+    """
+    from PIL import Image
+
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"task {card.name!r}: no folder {str(folder)!r}; an imagefolder task needs <root>/<split>/<class>/<images> "
+            f"for splits {list(card.splits)} (root: the card's local_dir or data_dir=)"
+        )
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if sorted(card.class_names) != found:
+        raise ValueError(
+            f"task {card.name!r}: class folders in {str(folder)!r} are {found} ({len(found)} classes), but the card "
+            f"says num_classes={card.num_classes} with class_names {list(card.class_names)}"
+        )
+    c, h, w = card.input_shape
+    if c not in (1, 3):
+        raise ValueError(f"task {card.name!r}: imagefolder images need 1 or 3 channels, input_shape says {c}")
+    images, labels = [], []
+    for label, cls in enumerate(card.class_names):
+        files = sorted(f for f in (folder / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if c == 1 else "RGB")
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.Resampling.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except OSError as err:
+                raise ValueError(f"task {card.name!r}: cannot read image {str(f)!r}: {err}") from err
+            images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"task {card.name!r}: no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
 def _check_split(card: TaskCard, split: str, source: str) -> None:
     if split not in card.splits:
         raise ValueError(f"task {card.name!r}: unknown split {split!r}; accepted: {list(card.splits)}")
@@ -360,7 +426,9 @@ def _load_hub(card: TaskCard, split: str) -> "datasets.Dataset":
     from datasets.exceptions import DatasetNotFoundError
 
     try:
-        return datasets.load_dataset(card.hub_id, split=split, download_config=datasets.DownloadConfig(max_retries=0))
+        config = {"name": card.hub_config} if card.hub_config else {}  # e.g. SVHN's "cropped_digits"
+        return datasets.load_dataset(card.hub_id, split=split, download_config=datasets.DownloadConfig(max_retries=0),
+                                     **config)
     except (ConnectionError, OSError, DatasetNotFoundError) as err:
         raise ConnectionError(f"task {card.name!r}: loading hub dataset {card.hub_id!r} split {split!r} failed: {err}") from err
 
@@ -425,6 +493,10 @@ def _load_entry(card: TaskCard, split: str, source: str, data_dir: str | os.Path
     _check_split(card, split, source)
     if card.dataset in BUILTIN_DATASETS and source != "hub":
         kind, paths = "builtin", None
+    elif card.dataset == IMAGEFOLDER:
+        if data_dir is None and not card.local_dir:
+            raise FileNotFoundError(f"task {card.name!r}: an imagefolder task needs local_dir in its card or data_dir=")
+        kind, paths = "imagefolder", None
     else:
         paths = _local_paths(card, split, data_dir) if source != "hub" else None
         if paths is not None:
@@ -433,7 +505,7 @@ def _load_entry(card: TaskCard, split: str, source: str, data_dir: str | os.Path
             raise FileNotFoundError(_how_to_get(card, split, data_dir))
         else:
             kind = "hub"
-    key = (repr(card), split, kind, str(data_dir) if kind == "local" else "")
+    key = (repr(card), split, kind, str(data_dir) if kind in ("local", IMAGEFOLDER) else "")
     if key in _CACHE:
         return _CACHE[key]
     if kind == "builtin":
@@ -443,6 +515,8 @@ def _load_entry(card: TaskCard, split: str, source: str, data_dir: str | os.Path
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         if images.ndim == 3:
             images = images[:, None]
+    elif kind == IMAGEFOLDER:
+        images, labels = read_imagefolder(card, split, data_dir if data_dir is not None else card.local_dir)
     else:
         try:
             hub = _load_hub(card, split)
@@ -451,10 +525,21 @@ def _load_entry(card: TaskCard, split: str, source: str, data_dir: str | os.Path
                 raise FileNotFoundError(f"{_how_to_get(card, split, data_dir)} [hub: {err}]") from err
             raise
         images, labels = _hub_to_arrays(card, hub)
+    if card.label_map:
+        labels = _relabel(card, np.asarray(labels))
     ds = _to_dataset(card, np.asarray(images), np.asarray(labels))
     entry = (ds, *_dataset_to_tensors(ds))
     _CACHE[key] = entry
     return entry
+
+
+def _relabel(card: TaskCard, labels: np.ndarray) -> np.ndarray:
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(card.label_map)):
+        raise ValueError(
+            f"task {card.name!r}: source labels span {labels.min()}..{labels.max()}, but label_map has "
+            f"{len(card.label_map)} entries (one per source class)"
+        )
+    return np.asarray(card.label_map, dtype=np.int64)[labels.astype(np.int64)]
 
 
 def load_dataset_for(card: TaskCard, split: str, source: Source = "auto",

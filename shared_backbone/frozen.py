@@ -36,8 +36,8 @@ def _scheme(weight_fn: Callable[[torch.Tensor], None]) -> Callable[[nn.Module], 
             weight_fn(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            m.reset_parameters()
+        elif isinstance(m, nn.modules.batchnorm._NormBase) or getattr(m, "keeps_own_init", False):
+            m.reset_parameters()  # BN, and tensors with an init of their own (the LC paper's shared W_s)
 
     return init
 

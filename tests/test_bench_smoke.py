@@ -27,8 +27,8 @@ def test_bench_quick_writes_json(tmp_path):
         assert key in res
     want = {
         "slice_step": ({"full_K1", "filters0.1_K1"}, {"slice_over_full"}),
-        "ensemble_step": ({"vmap", "loop", "vmap_channels_last", "loop_channels_last", "full_plain_x1"},
-                          {"loop_over_vmap", "vmap_over_8x_full"}),
+        "ensemble_step": ({"vmap", "loop", "naive_loop", "full_plain_x1"},
+                          {"naive_loop_over_vmap", "loop_over_vmap", "vmap_over_8x_full"}),
         "shared_prefix": ({"head_K8", "block3_K8", "full_plain_x1"}, {"head_K8_over_full", "block3_K8_over_full"}),
     }
     for suite, (cases, ratios) in want.items():
@@ -39,10 +39,27 @@ def test_bench_quick_writes_json(tmp_path):
             assert c["median_s"] > 0 and len(c["all_s"]) == 1
         for r in body["ratios"].values():
             assert r["value"] > 0
-    assert res["targets"]["total"] == 7
+    assert res["targets"]["total"] == 5
 
 
 def test_bench_rejects_unknown_suite():
     bench = _load()
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "nope"])
+
+
+def test_bench_lc_quick_suite(tmp_path):
+    """The lc suite (issue 4) at tiny sizes: fused/unfused LC steps, their ratios, a memory case in-process."""
+    bench = _load()
+    out = tmp_path / "bench_lc.json"
+    bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "lc",
+                "--lc-memory", "off", "--out", str(out)])
+    body = json.loads(out.read_text())["suites"]["lc"]
+    es = body["config"]["expansions"]
+    assert set(body["cases"]) >= {f"fused_E{e}" for e in es} | {"plain_resnet20"}
+    assert {f"unfused_over_fused_E{e}" for e in es} | {f"fused_E{max(es)}_over_plain_resnet20"} <= set(body["ratios"])
+    assert all(r["value"] > 0 for r in body["ratios"].values())
+    cfg = bench.make_config(bench.parse_args(["--quick"]))
+    b = bench.Bench(cfg, bench.torch.device("cpu"))
+    bench.lc_step_from_name(b, f"lc_unfused_E{es[0]}")()  # what a memory subprocess runs
+    assert bench.lc_batch({**cfg, "batch": 128, "image": 28}, 128) < 128  # x128 unfused would not fit the cap

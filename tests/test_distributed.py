@@ -180,8 +180,14 @@ def test_bf16_autocast_trains_on_cpu():
     ens = sb.Ensemble(frozen, sb.Filters(0.5) + sb.BatchNorm() + sb.Head(), members=2)
     data = TensorData(torch.randn(64, 1, 12, 12), torch.randint(0, 3, (64,)), [0.0], [1.0])
     before = {n: p.detach().clone() for n, p in ens.slices.items()}
-    rec = fit(ens, data, None, TrainConfig(epochs=1, batch_size=32, augment=False),
-              accelerator=make_accelerator("bf16", cpu=True), progress=False)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state: earlier tests made one
+    try:
+        rec = fit(ens, data, None, TrainConfig(epochs=1, batch_size=32, augment=False),
+                  accelerator=make_accelerator("bf16", cpu=True), progress=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert rec["steps"] == 2 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in rec["history"])
     assert all(p.dtype == torch.float32 for p in ens.parameters())
     assert any(not torch.equal(before[n], p) for n, p in ens.slices.items())

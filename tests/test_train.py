@@ -279,3 +279,42 @@ def test_shared_data_with_identical_starts_keeps_members_identical():
 def test_train_config_rejects_nan_weight_decay():
     with pytest.raises(ValueError, match="weight_decay"):
         TrainConfig(weight_decay=float("nan"))
+
+
+def test_recalibrate_bn_gives_exact_averages_like_a_plain_module():
+    """Precise BN: after recalibration each member's running statistics are the equal-weight average
+    of its batch statistics over the batches, as a plain module with momentum=None computes them."""
+    import copy
+
+    import shared_backbone as sb
+    from shared_backbone.data import TensorData
+    from shared_backbone.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    frozen = sb.FrozenBackbone(sb.build_backbone("resnet20", width=4, in_channels=1, num_classes=3), seed=0)
+    ens = sb.Ensemble(frozen, sb.Filters(0.5) + sb.BatchNorm() + sb.Head(), members=2, seed=1)
+    data = TensorData(torch.randn(40, 1, 8, 8) * 3 + 1, torch.randint(0, 3, (40,)), [0.0], [1.0])
+    ens.eval()
+    assert recalibrate_bn(ens, data, num_batches=2, batch_size=16) == 2
+    assert not ens.training
+    assert all(m.momentum == 0.1 for m in ens._template.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    g = torch.Generator().manual_seed(0)
+    batches = [x for x, _ in data.batches(16, shuffle=True, generator=g)][:2]
+    for i in range(2):
+        ref = copy.deepcopy(ens.member(i))
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        ref.train()
+        with torch.no_grad():
+            for x in batches:
+                ref(x)
+        want = dict(ref.named_buffers())
+        for n, t in ens.stats_of(i).items():
+            torch.testing.assert_close(t.to(want[n].dtype), want[n], atol=1e-5, rtol=1e-5, msg=f"member {i}: {n}")
+
+
+def test_precise_bn_must_be_a_count():
+    with pytest.raises(ValueError, match="precise_bn must be a number of batches"):
+        TrainConfig(precise_bn=-1)
