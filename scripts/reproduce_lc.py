@@ -4,7 +4,7 @@
     python scripts/reproduce_lc.py --table1                  # Table 1 parameter counts (no training)
     python scripts/reproduce_lc.py --table3                  # checkpoint sizes (Table 3's last column)
     python scripts/reproduce_lc.py --expansions 1,4,16 --epochs 1 --train-subset 5000 --test-subset 2000
-    python scripts/reproduce_lc.py --sharing global ...      # adds a frozen arm with shared spatial weights
+    python scripts/reproduce_lc.py --sharing global,recycled ...  # adds frozen arms with shared spatial weights
 
 Training (Figure 1): LCResNet-20-{W}x{E} on Fashion-MNIST with one recipe for every arm: "learned"
 trains everything (Full()), "frozen" only the 1x1s, BN and head (Pointwise()+BatchNorm()+Head()) over
@@ -129,8 +129,29 @@ def run_arm(arm: str, expansion: int, args, config: TrainConfig) -> dict:
         "fgsm": fgsm_accuracy(member, test, eps=1 / 255),
         "mean_normalized_fve": sum(norm) / len(norm) if norm else None,
         "stem_fve": fve.get("stages.stem.0"),
+        "pruned": [_pruned_accuracy(member, test, rho) for rho in args.prune_ratios] if arm != "learned" else [],
         "_stem_filters": reconstructed_filters(member.stages.stem[0]),
+        "_member": member,
     }
+
+
+@torch.no_grad()
+def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict:
+    """Test accuracy after global magnitude pruning of the 1x1 weights at ``ratio`` (no fine-tuning),
+    and the bytes of the pruned slice's 1x1 weights stored sparsely vs densely."""
+    import copy
+
+    m = copy.deepcopy(member).eval()
+    prune_pointwise(m, ratio)
+    correct = sum(int((m(test.x[i:i + batch_size]).argmax(-1) == test.y[i:i + batch_size]).sum())
+                  for i in range(0, len(test.y), batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        pw = {n: w.detach() for n, w in pointwise_weights(m).items()}
+        dense = save_sparse(Path(tmp) / "dense.safetensors", pw, min_zero_fraction=2.0)  # never sparse
+        sparse = save_sparse(Path(tmp) / "sparse.safetensors", pw)
+        sizes = (os.path.getsize(dense), os.path.getsize(sparse))
+    return {"ratio": ratio, "test_accuracy": correct / len(test.y), "pointwise_bytes_dense": sizes[0],
+            "pointwise_bytes_sparse": sizes[1]}
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> Path:
@@ -155,8 +176,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--backbone", default="lcresnet20")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--expansions", default="1,2,4,8,16", help="comma-separated E values")
-    ap.add_argument("--sharing", choices=("none", "global", "recycled"), default="none",
-                    help="also train a frozen arm with this weight sharing")
+    ap.add_argument("--sharing", default="none",
+                    help="also train a frozen arm with this weight sharing: none, global, recycled or a "
+                         "comma-separated list (global,recycled)")
     ap.add_argument("--share-fraction", type=float, default=1 / 16)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=5000, help="0 = all 60,000")
@@ -164,6 +186,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    ap.add_argument("--l1", type=float, default=0.0, help="L1 penalty lambda on every 1x1 weight while training")
+    ap.add_argument("--prune", default="", help="comma-separated pruning ratios: frozen arms are also evaluated "
+                                                "after global magnitude pruning of their 1x1 weights (no fine-tuning)")
+    ap.add_argument("--precise-bn", type=int, default=20,
+                    help="after training, recompute BN running statistics over this many batches (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/lc", help="output directory")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
@@ -185,30 +212,51 @@ def main(argv=None) -> dict:
         print(f"\nJSON: {out / 'tables.json'}")
         return res
 
+    try:
+        args.prune_ratios = [float(r) for r in args.prune.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--prune must be comma-separated numbers in [0, 1), got {args.prune!r}")
+    if any(not 0 <= r < 1 for r in args.prune_ratios):
+        ap.error(f"--prune ratios must be in [0, 1), got {args.prune!r}")
     expansions = [int(e) for e in args.expansions.split(",") if e.strip()]
     if not expansions or min(expansions) < 1:
         ap.error(f"--expansions must be integers >= 1, got {args.expansions!r}")
-    arms = ["learned", "frozen"] + ([f"frozen_{args.sharing}"] if args.sharing != "none" else [])
+    sharings = [x.strip() for x in args.sharing.split(",") if x.strip() and x.strip() != "none"]
+    bad = [x for x in sharings if x not in ("global", "recycled")]
+    if bad:
+        ap.error(f"--sharing {bad[0]!r} is not one of none, global, recycled")
+    arms = ["learned", "frozen"] + [f"frozen_{x}" for x in sharings]
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed)
+                         weight_decay=args.weight_decay, seed=args.seed, precise_bn=args.precise_bn,
+                         l1_pointwise=args.l1)
     rows, filters = [], {}
     for e in expansions:
         for arm in arms:
             r = run_arm(arm, e, args, config)
             f = r.pop("_stem_filters")
+            member = r.pop("_member")
+            if arm == "frozen" and e == expansions[-1]:
+                from shared_backbone.lc_analysis import plot_pointwise_histograms
+
+                plot_pointwise_histograms(member, out / f"pointwise_histograms_E{e}.png")
             if arm != "learned" or e == expansions[-1]:
                 filters[f"{arm} E={e}"] = f
             rows.append(r)
             write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
     plot_accuracy(rows, out / "accuracy_vs_expansion.png")
-    from shared_backbone.lc_analysis import plot_filter_grid
+    from shared_backbone.lc_analysis import plot_filter_grid, plot_position_variance
 
     plot_filter_grid(filters, out / "stem_filters.png", n=12)
+    plot_position_variance({k: v for k, v in filters.items() if k.endswith(f" E={expansions[-1]}")},
+                           out / "stem_position_variance.png")
     print(f"\n{'arm':<18}{'E':>4}{'test acc':>10}{'FGSM':>8}{'FVE/T':>8}{'learned':>12}{'total':>12}{'train s':>9}")
     for r in rows:
         fve = "-" if r["mean_normalized_fve"] is None else f"{r['mean_normalized_fve']:.3f}"
         print(f"{r['arm']:<18}{r['expansion']:>4}{r['test_accuracy']:>10.4f}{r['fgsm']['fgsm_accuracy']:>8.4f}"
               f"{fve:>8}{r['learned']:>12,}{r['total']:>12,}{r['train_seconds']:>9.0f}")
+        for p in r["pruned"]:
+            print(f"{'':<18}{'':>4}{p['test_accuracy']:>10.4f}  after pruning rho={p['ratio']}: 1x1 weights "
+                  f"{p['pointwise_bytes_dense']:,} B dense -> {p['pointwise_bytes_sparse']:,} B sparse")
     print(f"\nJSON: {out / 'accuracy_vs_expansion.json'}  plots: {out / 'accuracy_vs_expansion.png'}, "
           f"{out / 'stem_filters.png'}")
     return {"rows": rows}

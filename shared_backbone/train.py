@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .data import TensorData
 from .ensemble import MemberStack
 from .io import load_tensors, read_json, save_tensors, write_json
+from .lc import l1_penalty, pointwise_weights
 
 __all__ = ["TrainConfig", "fit", "predict", "predict_sharded", "recalibrate_bn", "NonFiniteLoss"]
 
@@ -45,6 +46,7 @@ class TrainConfig:
     bootstrap: bool = False  # with data="own": each member trains on a bootstrap sample
     eval_batch_size: int = 1000
     precise_bn: int = 0  # after training, recompute BN running statistics as exact averages over this many batches
+    l1_pointwise: float = 0.0  # L1 penalty lambda on every learned 1x1 conv weight (the LC paper's Eq. 5), per member
     max_steps_per_epoch: int | None = None  # cap, for smoke tests
 
     def __post_init__(self) -> None:
@@ -62,6 +64,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not (isinstance(self.l1_pointwise, (int, float)) and math.isfinite(self.l1_pointwise)
+                and self.l1_pointwise >= 0):
+            raise ValueError(f"l1_pointwise must be a finite number >= 0 (0 = off), got {self.l1_pointwise!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
@@ -283,6 +288,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in local.member_ids}
         sets = [train.bootstrap(gens[i]) if cfg.bootstrap else train for i in local.member_ids]
     shard = parallel == "data" and procs > 1
+    if cfg.l1_pointwise and not pointwise_weights(local):
+        raise ValueError(f"l1_pointwise={cfg.l1_pointwise} but the slice learns no 1x1 conv weight; "
+                         "learn Pointwise() (or set l1_pointwise=0)")
 
     def checkpoint(epoch: int, step_in_epoch: int, step: int) -> None:
         tensors = _full_state(accelerator, full, local, opt.optimizer, params, counts)  # collective: every rank
@@ -313,7 +321,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
                 logits = logits.float()
             target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (K, N)
             loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
-            loss = loss * logits.shape[0]  # sum over members of each member's mean loss
+            loss = ce = loss * logits.shape[0]  # sum over members of each member's mean loss
+            if cfg.l1_pointwise:  # summed over members too: each member's own penalty
+                loss = ce + l1_penalty(local, cfg.l1_pointwise)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower lr (now {cfg.lr}) "
@@ -325,7 +335,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             sched.step()
             step += 1
             n = y.shape[-1]
-            loss_sum += loss.item() / logits.shape[0] * n
+            loss_sum += ce.item() / logits.shape[0] * n  # the data loss, without the L1 penalty
             correct += (logits.argmax(-1) == target).float().mean(0).sum().item()
             seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")

@@ -43,7 +43,7 @@ def _frozen_state(frozen: sb.FrozenBackbone) -> dict[str, bytes]:
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("epochs", 1.5), ("batch_size", 0), ("eval_batch_size", -1), ("lr", -1.0), ("lr", 0.0),
     ("lr", float("nan")), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1e-4),
-    ("label_smoothing", 1.0), ("label_smoothing", -0.1),
+    ("label_smoothing", 1.0), ("label_smoothing", -0.1), ("l1_pointwise", -1e-3), ("l1_pointwise", float("inf")),
 ])
 def test_train_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -130,6 +130,40 @@ def test_one_sgd_step_matches_a_hand_written_reference(vectorized):
         for n, b in model.named_buffers():
             if "running" in n:
                 torch.testing.assert_close(stats[n], b, rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+
+
+def test_l1_on_pointwise_weights_matches_a_hand_written_step():
+    """TrainConfig.l1_pointwise adds lam * sum|w| over each member's learned 1x1 weights (LC paper Eq. 5)."""
+    lr, lam, seed, bs = 0.1, 1e-2, 2, 8
+    cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.0, weight_decay=0.0, label_smoothing=0.0,
+                      augment=False, seed=seed, l1_pointwise=lam)
+    data = _data(bs, seed=1)
+    frozen = sb.FrozenBackbone(sb.build_backbone("lcresnet20", width=4, expansion=2, in_channels=1, num_classes=5),
+                               seed=0)
+    ens = sb.Ensemble(frozen, sb.Pointwise() + sb.Head(), members=2, seed=4)
+    ens.train()
+    refs = [ens.member(i) for i in range(2)]
+    old = [{n: t.detach().clone() for n, t in ens.slice_of(i).items()} for i in range(2)]
+    (x, y), = list(data.batches(bs, shuffle=True, generator=torch.Generator().manual_seed(seed * 100_003 + 0),
+                                augment=False))
+    fit(ens, data, None, cfg, progress=False)
+    for i, model in enumerate(refs):
+        names = [n for n, _ in model.named_parameters()]
+        for p in model.parameters():
+            p.requires_grad_(True)
+        pw = [p for n, p in model.named_parameters() if p.dim() == 4 and p.shape[-2:] == (1, 1)]
+        assert len(pw) == 19 + 2  # the 1x1 of every LC-Block (one per conv of ResNet-20) + 2 shortcut 1x1 convs
+        loss = F.cross_entropy(model(x), y) + lam * sum(p.abs().sum() for p in pw)
+        grads = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+        new = ens.slice_of(i)
+        for n, w in old[i].items():
+            torch.testing.assert_close(new[n].detach(), w - lr * grads[n], rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+
+
+def test_l1_needs_a_learned_pointwise_weight():
+    ens = sb.Ensemble(_frozen(), sb.Head(), members=2)
+    with pytest.raises(ValueError, match="l1_pointwise=0.01.*no 1x1 conv weight"):
+        fit(ens, _data(8), None, TrainConfig(epochs=1, batch_size=8, l1_pointwise=0.01), progress=False)
 
 
 def test_fit_with_a_shared_prefix_matches_the_reference_too():
