@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Train one task's adapter on a frozen backbone and save it (PEFT layout: adapter_config.json + adapter_model.safetensors).
+"""Train task adapters on a frozen backbone and save each (PEFT layout: adapter_config.json + adapter_model.safetensors).
 
     python scripts/train_adapter.py --task mnist5k --slice "Blocks('block2')+Head()" --out runs/adapters/mnist5k
+    python scripts/train_adapter.py --task mnist5k digits fashion_coarse --out runs/adapters     # one folder per task
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_adapter.py --task mnist5k digits --out runs/adapters
+
+With one task ``--out`` is its adapter folder; with several it is the folder that receives one
+adapter folder per task. Under ``accelerate launch`` several tasks are split over the processes
+(``--parallel tasks``: each process trains its own tasks, no traffic between processes); one task
+is trained data-parallel (``--parallel data``: each process takes a shard of every batch).
 
 The backbone is saved once next to the adapters (``backbone.json`` in the parent of ``--out``, plus
 ``backbone.safetensors`` for a trained one). Without ``--backbone-dir`` it is ResNet-20 frozen at random
@@ -18,7 +25,8 @@ import torch
 from shared_backbone import FrozenBackbone, build_backbone, parse_spec
 from shared_backbone.adapters import AdapterBank, adapter_bytes
 from shared_backbone.distributed import make_accelerator
-from shared_backbone.io import write_json
+from shared_backbone.data import load_task
+from shared_backbone.io import read_json, write_json
 from shared_backbone.recipes import load_train_test
 from shared_backbone.saving import load_backbone, save_backbone
 from shared_backbone.train import TrainConfig, fit
@@ -26,10 +34,14 @@ from shared_backbone.train import TrainConfig, fit
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True, help="a task card name (tasks/) or a path to a .toml card")
+    ap.add_argument("--task", required=True, nargs="+",
+                    help="task card names (tasks/) or paths to .toml cards; several train one adapter each")
     ap.add_argument("--slice", default="Filters(0.1)+BatchNorm()+Head()", help="what the task learns (its head always)")
     ap.add_argument("--out", required=True, help="the adapter folder to write")
-    ap.add_argument("--name", default=None, help="task name inside the bank (default: the card's name)")
+    ap.add_argument("--name", default=None, help="task name inside the bank (default: the card's name; one task only)")
+    ap.add_argument("--parallel", choices=["auto", "tasks", "data"], default="auto",
+                    help="under accelerate launch: split the tasks over processes, or shard each batch "
+                         "(auto: tasks when there are several)")
     ap.add_argument("--backbone-dir", default=None, help="a folder with backbone.json (default: beside --out, else random)")
     ap.add_argument("--width", type=int, default=16, help="ResNet-20 width for a new random backbone")
     ap.add_argument("--backbone-classes", type=int, default=10, help="classes of a new random backbone's own head")
@@ -49,38 +61,79 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     accelerator = make_accelerator(args.mixed_precision)  # one process, or all of `accelerate launch` in one group
 
+    if args.name and len(args.task) > 1:
+        ap.error("--name names one task; with several tasks each adapter takes its card's name")
+    if len(set(args.task)) != len(args.task):
+        ap.error(f"--task lists a task twice: {args.task}")
+    parallel = args.parallel if args.parallel != "auto" else ("tasks" if len(args.task) > 1 else "data")
+    procs = accelerator.num_processes
+    if parallel == "tasks" and procs > len(args.task):
+        ap.error(f"--parallel tasks needs at least one task per process: {len(args.task)} task(s) over {procs} "
+                 "processes; use fewer processes or --parallel data")
+
     out = Path(args.out)
-    train, test, card = load_train_test(args.task, args.train_subset or None, args.test_subset or None, args.seed)
-    home = Path(args.backbone_dir) if args.backbone_dir else out.parent
+    home_out = out if len(args.task) > 1 else out.parent  # where backbone.json goes
+    cards = {t: load_task(t) for t in args.task}  # a bad card fails here, on every process, before any work
+    first = next(iter(cards.values()))
+    home = Path(args.backbone_dir) if args.backbone_dir else home_out
     if (home / "backbone.json").is_file():
         frozen = load_backbone(home)
     elif args.backbone_dir:
         raise SystemExit(f"--backbone-dir {home} holds no backbone.json")
     else:
-        bb = build_backbone("resnet20", width=args.width, in_channels=card.input_shape[0],
+        bb = build_backbone("resnet20", width=args.width, in_channels=first.input_shape[0],
                             num_classes=args.backbone_classes)
         frozen = FrozenBackbone(bb, seed=args.seed)
-    if accelerator.is_main_process and not (out.parent / "backbone.json").is_file():
-        save_backbone(frozen, out.parent)
+    if accelerator.is_main_process and not (home_out / "backbone.json").is_file():
+        save_backbone(frozen, home_out)
+    accelerator.wait_for_everyone()
 
+    if parallel == "tasks" and procs > 1:
+        with accelerator.split_between_processes(list(args.task)) as mine:
+            mine = list(mine)
+        mode = "local"  # this process's tasks, trained alone
+    else:
+        mine, mode = list(args.task), "data"
+    reports = []
+    for task in mine:
+        folder = out if len(args.task) == 1 else out / cards[task].name
+        reports.append(_train_one(task, folder, frozen, args, accelerator, mode,
+                                  writes=mode == "local" or accelerator.is_main_process))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {"reports": reports}
+    everything = [read_json(_results_path(out if len(args.task) == 1 else out / cards[t].name)) for t in args.task]
+    print(f"\n{'task':<16}{'slice':<34}{'learned':>10}{'adapter bytes':>15}{'accuracy':>10}")
+    for r in everything:
+        print(f"{r['task']:<16}{r['spec']:<34}{r['learned']:>10,}{r['adapter_bytes']:>15,}{r['accuracy']:>10.4f}")
+    print(f"\nadapters: {', '.join(str(out if len(args.task) == 1 else out / cards[t].name) for t in args.task)}"
+          f"\nbackbone: {home_out}/backbone.json   "
+          f"({f'{procs} processes, {parallel}-parallel' if procs > 1 else 'one process'})")
+    return everything[0] if len(args.task) == 1 else {"reports": everything}
+
+
+def _results_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.results.json"
+
+
+def _train_one(task: str, out: Path, frozen, args, accelerator, parallel: str, writes: bool) -> dict:
+    train, test, card = load_train_test(task, args.train_subset or None, args.test_subset or None, args.seed)
     bank = AdapterBank(frozen)
     name = args.name or card.name
     adapter = bank.add_task(name, parse_spec(args.slice), card, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          max_steps_per_epoch=args.max_steps_per_epoch, precise_bn=args.precise_bn)
-    record = fit(adapter, train, test, config, accelerator=accelerator, progress=not args.no_progress)
-    if not accelerator.is_main_process:  # data-parallel under `accelerate launch`: rank 0 writes
-        accelerator.wait_for_everyone()
-        return record["test"]
+    record = fit(adapter, train, test, config, accelerator=accelerator, parallel=parallel,
+                 progress=not args.no_progress)
+    if not writes:  # data-parallel: rank 0 writes
+        return {"task": name, "accuracy": record["test"]["accuracy"]}
     bank.eval().save_adapter(name, out)
     report = {"task": name, "card": card.name, "spec": repr(adapter.spec), "learned": adapter.num_learned(),
               "adapter_bytes": adapter_bytes(out), "accuracy": record["test"]["accuracy"],
               "fingerprint": frozen.fingerprint, "train_size": len(train), "test_size": len(test),
-              "train_seconds": record["train_seconds"], "history": record["history"]}
-    write_json(out.parent / f"{out.name}.results.json", report)
-    accelerator.wait_for_everyone()
-    print(f"\n{name}: {adapter.spec!r} learns {report['learned']:,} parameters; adapter {report['adapter_bytes']:,} "
-          f"bytes; test accuracy {report['accuracy']:.4f}\nadapter: {out}/   backbone: {out.parent}/backbone.json")
+              "train_seconds": record["train_seconds"], "process": accelerator.process_index,
+              "parallel": parallel, "history": record["history"]}
+    write_json(_results_path(out), report)
     return report
 
 

@@ -7,6 +7,8 @@
   process trains its own members on the whole data stream and nothing crosses processes until
   the logits are gathered for ensemble metrics. Never wrapped in DDP: DDP broadcasts rank 0's
   parameters and buffers at construction and would overwrite every other rank's members.
+- **task-parallel** (adapters): tasks are split over processes and each process trains its own
+  tasks' adapters with ``fit(..., parallel="local")``: no collective at all while training.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 __all__ = ["PARALLEL_MODES", "SilentSingleProcess", "make_accelerator", "check_process_group",
            "member_split", "launched_processes"]
 
-PARALLEL_MODES = ("data", "members")
+PARALLEL_MODES = ("data", "members", "local")
 
 
 class SilentSingleProcess(RuntimeError):

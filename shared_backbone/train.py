@@ -239,6 +239,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     stack whatever the process count, at every epoch's end and every ``checkpoint_every`` steps;
     ``resume`` continues from one mid-epoch to the same result as an uninterrupted run.
     ``on_step(step)`` is called after each optimizer step (and its checkpoint).
+
+    ``parallel="local"`` trains on this process alone with no collective operation, also under a
+    launcher: for task-parallel runs where each process trains its own tasks (``train_adapter.py``).
     """
     from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
 
@@ -249,7 +252,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
     accelerator = accelerator or make_accelerator()
     check_process_group(accelerator)
-    procs, rank = accelerator.num_processes, accelerator.process_index
+    local_only = parallel == "local"  # this process alone, even under a launcher: no collective at all
+    procs, rank = (1, 0) if local_only else (accelerator.num_processes, accelerator.process_index)
+    main_process = local_only or accelerator.is_main_process
     full = model
     split = parallel == "members" and procs > 1
     ids = counts = None
@@ -294,10 +299,11 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
 
     def checkpoint(epoch: int, step_in_epoch: int, step: int) -> None:
         tensors = _full_state(accelerator, full, local, opt.optimizer, params, counts)  # collective: every rank
-        if accelerator.is_main_process:
+        if main_process:
             _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step}, cfg)
             write_json(Path(out_dir) / "history.json", history)
-        accelerator.wait_for_everyone()
+        if not local_only:
+            accelerator.wait_for_everyone()
 
     t0 = time.perf_counter()
     wrapped.train()
@@ -306,7 +312,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
         loss_sum, correct, seen = 0.0, 0.0, 0
         bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress or not accelerator.is_main_process)
+                   disable=not progress or not main_process)
         for i, (x, y) in enumerate(_member_batches(local, train, cfg, epoch, sets)):
             if i >= steps:
                 break

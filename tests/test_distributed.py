@@ -5,6 +5,7 @@ operations between one process and two cannot grow into real differences over th
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,11 +38,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def launch(*args: str, processes: int = 2, check: bool = True, script: str = WORKER) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes N`` on this CPU-only machine, as the README says."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), WORKER, *args]
+           "--main_process_port", str(_free_port()), script, *args]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -163,7 +164,7 @@ def test_bad_parallel_mode_and_checkpoint_interval():
     from shared_backbone.train import fit
 
     ens, train, _ = worker.build("data")
-    with pytest.raises(ValueError, match=r"parallel must be one of \('data', 'members'\), got 'model'"):
+    with pytest.raises(ValueError, match=r"parallel must be one of \('data', 'members', 'local'\), got 'model'"):
         fit(ens, train, parallel="model", progress=False)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive"):
         fit(ens, train, checkpoint_every=0, progress=False)
@@ -191,3 +192,32 @@ def test_bf16_autocast_trains_on_cpu():
     assert rec["steps"] == 2 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in rec["history"])
     assert all(p.dtype == torch.float32 for p in ens.parameters())
     assert any(not torch.equal(before[n], p) for n, p in ens.slices.items())
+
+
+ADAPTER_ARGS = ["--width", "4", "--epochs", "1", "--train-subset", "96", "--test-subset", "64", "--batch-size", "32",
+                "--precise-bn", "2", "--no-progress", "--threads", "1"]
+
+
+def test_task_parallel_adapters_match_one_process_each(tmp_path):
+    """train_adapter.py with two tasks under 2 processes: each process trains one task alone (no traffic),
+    and each adapter equals the one a plain single-process run of that task writes."""
+    script = str(ROOT / "scripts" / "train_adapter.py")
+    res = launch("--task", "mnist5k", "digits", "--out", str(tmp_path / "two"), *ADAPTER_ARGS, script=script)
+    assert "2 processes, tasks-parallel" in res.stdout
+    for task in ("mnist5k", "digits"):
+        one = subprocess.run([sys.executable, script, "--task", task, "--out", str(tmp_path / "one" / task),
+                              *ADAPTER_ARGS], env=_env(), capture_output=True, text=True, timeout=300)
+        assert one.returncode == 0, one.stderr[-3000:]
+        a, _ = load_tensors(tmp_path / "two" / task / "adapter_model.safetensors")
+        b, _ = load_tensors(tmp_path / "one" / task / "adapter_model.safetensors")
+        assert_same(a, b, atol=0)
+        report = json.loads((tmp_path / "two" / f"{task}.results.json").read_text())
+        assert report["parallel"] == "local" and report["process"] == (0 if task == "mnist5k" else 1)
+    assert (tmp_path / "two" / "backbone.json").is_file()
+
+
+def test_task_parallel_needs_a_task_per_process(tmp_path):
+    script = str(ROOT / "scripts" / "train_adapter.py")
+    res = launch("--task", "mnist5k", "--parallel", "tasks", "--out", str(tmp_path / "a"), *ADAPTER_ARGS,
+                 script=script, check=False)
+    assert res.returncode != 0 and "at least one task per process: 1 task(s) over 2 processes" in res.stderr
