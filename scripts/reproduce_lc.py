@@ -155,9 +155,9 @@ def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> Path:
-    from shared_backbone.lc_analysis import _figure, _save
+    from shared_backbone.plots import new_figure, save_png
 
-    fig = _figure((5.5, 4))
+    fig = new_figure((5.5, 4))
     ax = fig.subplots()
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["expansion"])
@@ -166,7 +166,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
     ax.set(xlabel="expansion E", ylabel="test accuracy [%]", title="LCResNet-20: frozen random vs learned spatial")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lc import LCConv2d, lc_layers, pointwise_weights
+from .plots import new_figure, save_png
 
 __all__ = [
     "filter_variance_entropy", "randomness_threshold", "normalized_fve", "sparse_filter_fraction", "fve_report",
@@ -182,30 +182,6 @@ def _log_probs(out: torch.Tensor) -> torch.Tensor:
 
 
 # -- figures -----------------------------------------------------------------------------------------
-def _figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def plot_filter_grid(filters: Mapping[str, torch.Tensor], path: str | os.PathLike, *, n: int = 12,
                      in_channel: int = 0) -> Path:
     """One row per entry (e.g. ``{"E=1": w, "E=16": w, "learned": w}``), the first ``n`` filters
@@ -213,7 +189,7 @@ def plot_filter_grid(filters: Mapping[str, torch.Tensor], path: str | os.PathLik
     rows = list(filters.items())
     if not rows:
         raise ValueError("plot_filter_grid needs at least one set of filters")
-    fig = _figure((n * 0.8 + 1.2, len(rows) * 0.9 + 0.3))
+    fig = new_figure((n * 0.8 + 1.2, len(rows) * 0.9 + 0.3))
     axes = fig.subplots(len(rows), n, squeeze=False)
     for r, (label, w) in enumerate(rows):
         w = w.detach().float()
@@ -227,13 +203,13 @@ def plot_filter_grid(filters: Mapping[str, torch.Tensor], path: str | os.PathLik
                 ax.imshow(f.numpy(), cmap="seismic", vmin=-a, vmax=a)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_position_variance(weights: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Per-position variance heat maps, one panel per entry (the paper's Figure 13)."""
     items = list(weights.items())
-    fig = _figure((2.4 * len(items), 2.6))
+    fig = new_figure((2.4 * len(items), 2.6))
     axes = fig.subplots(1, len(items), squeeze=False)[0]
     for ax, (label, w) in zip(axes, items):
         v = per_position_variance(w)
@@ -242,7 +218,7 @@ def plot_position_variance(weights: Mapping[str, torch.Tensor], path: str | os.P
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=list(axes), shrink=0.8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_pointwise_histograms(model: nn.Module, path: str | os.PathLike, bins: int = 50, max_layers: int = 20) -> Path:
@@ -252,7 +228,7 @@ def plot_pointwise_histograms(model: nn.Module, path: str | os.PathLike, bins: i
     names = [n for n in names if n in hist][:max_layers]
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = _figure((3 * cols, 2.2 * rows))
+    fig = new_figure((3 * cols, 2.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         h = hist[name]
@@ -263,4 +239,4 @@ def plot_pointwise_histograms(model: nn.Module, path: str | os.PathLike, bins: i
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .metrics import evaluate_ensemble
 
-__all__ = ["plot_ensemble_report"]
+__all__ = ["plot_ensemble_report", "new_figure", "save_png"]
 
 _REQUIRED = ("reliability", "ece", "accuracy_vs_members", "mean_member_accuracy")
 
@@ -44,9 +44,7 @@ def plot_ensemble_report(
     acc_curve = report["accuracy_vs_members"]
     members = list(range(1, len(acc_curve) + 1))
 
-    # a bare Agg figure: no pyplot global state, no window, whatever backend the user set
-    fig = Figure(figsize=(10, 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((10, 4.2))
     ax_rel, ax_k = fig.subplots(1, 2)
     ax_rel.bar(centers, rel["accuracy"], width=width, edgecolor="black", label="accuracy")
     ax_rel.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
@@ -60,7 +58,18 @@ def plot_ensemble_report(
     ax_k.set_xticks(members)
     ax_k.legend(loc="lower right")
     fig.tight_layout()
+    return save_png(fig, path)
 
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A bare Agg figure: no pyplot global state, no window, whatever backend the user set."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG to a temporary name beside ``path``, then move it into place atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.name}.", dir=path.parent)
