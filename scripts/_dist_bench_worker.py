@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--execution", choices=["auto", "vmap", "loop"], default="auto",
+                    help="members in one vmap or a loop (auto: vmap on CUDA, the loop on CPU, as the scripts do)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     acc = make_accelerator(args.mixed_precision)
@@ -47,7 +49,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     frozen = sb.FrozenBackbone(sb.build_backbone("resnet20", width=args.width, in_channels=1, num_classes=10), seed=0)
     ens = sb.Ensemble(frozen, sb.Filters(0.1) + sb.BatchNorm() + sb.Head(), members=args.members,
-                      vectorized=acc.device.type == "cuda" or args.members > 1)
+                      vectorized=args.execution == "vmap" or (args.execution == "auto" and acc.device.type == "cuda"))
     n = args.batch * (args.steps + args.warmup)
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(n, 1, args.image, args.image, generator=g), torch.randint(0, 10, (n,), generator=g),
@@ -67,7 +69,8 @@ def main() -> None:
     if acc.is_main_process:
         Path(args.out).write_text(json.dumps({
             "processes": acc.num_processes, "parallel": args.parallel, "device": str(acc.device),
-            "threads_per_process": args.threads, "members": args.members, "global_batch": args.batch,
+            "threads_per_process": args.threads, "execution": "vmap" if ens.vectorized else "loop",
+            "members": args.members, "global_batch": args.batch,
             "median_step_s": statistics.median(steps), "all_step_s": steps,
         }))
     acc.wait_for_everyone()

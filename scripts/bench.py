@@ -18,7 +18,8 @@ Suites (``--only``):
   memory         peak memory of one training step (one subprocess per case) and bytes stored
                  per member (``describe``) vs one full model
   lc             LCResNet-20-16xE (E = 8, 32, 128; spatial frozen, plain module + SGD): fused vs
-                 unfused LC-Blocks, fused x128 vs a plain ResNet-20-16 step; peak memory of each
+                 unfused LC-Blocks, fused x128 vs a plain ResNet-20-16 step (also at the paper's
+                 CIFAR-10 shapes: 3x32x32, batch 256); peak memory of each
   distributed    K=8 members trained by fit() in 1 process vs 2 (accelerate launch), member-parallel
                  vs data-parallel, fresh processes, the cores split evenly between processes
   adapters       serving (eval forward, no grad): one mixed batch of 4 tasks through AdapterBank
@@ -599,6 +600,39 @@ def lc_case(bench: Bench, expansion: int, fused: bool, batch: int, sharing: str 
     return step
 
 
+LC_PAPER_SETTING = {"in_channels": 3, "image": 32, "batch": 256}  # the LC paper's CIFAR-10 training steps
+
+
+def lc_paper_setting_case(bench: Bench, lc: bool) -> Callable[[], None]:
+    """One step at the LC paper's CIFAR-10 shapes (3x32x32, batch 256): fused LCResNet-20-{W}x{E_max}
+    with frozen spatial filters (``lc=True``) or the plain ResNet-20-{W}, every weight learned."""
+    from shared_backbone.lc import freeze_spatial
+
+    cfg = bench.cfg
+    shape = {"in_channels": 3, "image": 8, "batch": 4} if cfg["quick"] else LC_PAPER_SETTING
+    torch.manual_seed(cfg["seed"])
+    if lc:
+        model = build_backbone("lcresnet20", in_channels=3, width=cfg["width"], num_classes=cfg["num_classes"],
+                               expansion=max(lc_expansions(cfg)))
+        params = freeze_spatial(model)
+    else:
+        model = build_backbone("resnet20", in_channels=3, width=cfg["width"], num_classes=cfg["num_classes"])
+        params = model.parameters()
+    model = model.to(bench.device).train()
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=g).to(bench.device)
+    y = torch.randint(0, cfg["num_classes"], (shape["batch"],), generator=g).to(bench.device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def lc_case_names(cfg: dict) -> dict[str, tuple]:
     """``{case: (E, fused, batch[, sharing])}``; where the unfused case needs a smaller batch, a fused twin
     runs at it; the largest E also runs with global and recycled (1/16) weight sharing."""
@@ -618,6 +652,9 @@ def lc_case_names(cfg: dict) -> dict[str, tuple]:
 def lc_cases(bench: Bench) -> dict[str, Callable[[], None]]:
     cases = {n: lc_case(bench, *spec) for n, spec in lc_case_names(bench.cfg).items()}
     cases["plain_resnet20"] = bench.plain_case()[0]
+    e = max(lc_expansions(bench.cfg))
+    cases[f"fused_E{e}_paper_setting"] = lc_paper_setting_case(bench, lc=True)
+    cases["plain_resnet20_paper_setting"] = lc_paper_setting_case(bench, lc=False)
     return cases
 
 
@@ -631,6 +668,8 @@ def lc_ratios(cfg: dict) -> list[tuple]:
         out.append((f"unfused_over_fused_E{e}", unfused, fused, 1, 1, ">=", 1.0))
     e = max(lc_expansions(cfg))
     out.append((f"fused_E{e}_over_plain_resnet20", f"fused_E{e}", "plain_resnet20", 1, 1, "<=", 1.3))
+    out.append((f"fused_E{e}_over_plain_resnet20_paper_setting", f"fused_E{e}_paper_setting",
+                "plain_resnet20_paper_setting", 1, 1, "<=", 1.3))
     out.append((f"global_over_unshared_E{e}", f"fused_E{e}_global", f"fused_E{e}", 1, 1, None, None))
     out.append((f"recycled16_over_unshared_E{e}", f"fused_E{e}_recycled16", f"fused_E{e}", 1, 1, None, None))
     return out
@@ -653,7 +692,7 @@ def lc_suite(bench: Bench, args) -> dict:
     body["config"] = {"arch": "lcresnet20", "width": bench.cfg["width"], "expansions": list(lc_expansions(bench.cfg)),
                       "trained": "1x1s, BN, head (freeze_spatial); SGD as in the other suites",
                       "batches": {n: c[2] for n, c in lc_case_names(bench.cfg).items()},
-                      "unfused_cap_bytes": LC_UNFUSED_CAP,
+                      "unfused_cap_bytes": LC_UNFUSED_CAP, "paper_setting": LC_PAPER_SETTING,
                       "note": "an unfused case whose k x k outputs exceed the cap runs at a halved batch, "
                               "paired with a fused case at the same batch"}
     base = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),

@@ -56,8 +56,11 @@ def test_bench_lc_quick_suite(tmp_path):
                 "--lc-memory", "off", "--out", str(out)])
     body = json.loads(out.read_text())["suites"]["lc"]
     es = body["config"]["expansions"]
-    assert set(body["cases"]) >= {f"fused_E{e}" for e in es} | {"plain_resnet20"}
-    assert {f"unfused_over_fused_E{e}" for e in es} | {f"fused_E{max(es)}_over_plain_resnet20"} <= set(body["ratios"])
+    assert set(body["cases"]) >= {f"fused_E{e}" for e in es} | {"plain_resnet20", "plain_resnet20_paper_setting",
+                                                                 f"fused_E{max(es)}_paper_setting"}
+    assert {f"unfused_over_fused_E{e}" for e in es} | {f"fused_E{max(es)}_over_plain_resnet20",
+                                                       f"fused_E{max(es)}_over_plain_resnet20_paper_setting"} \
+        <= set(body["ratios"])
     assert all(r["value"] > 0 for r in body["ratios"].values())
     cfg = bench.make_config(bench.parse_args(["--quick"]))
     b = bench.Bench(cfg, bench.torch.device("cpu"))
