@@ -154,6 +154,24 @@ def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict
             "pointwise_bytes_sparse": sizes[1]}
 
 
+def plot_pruning(rows: list[dict], path: Path, lam: float) -> Path:
+    """Test accuracy vs 1x1 pruning ratio, one line per frozen arm and E (the paper's Figure 19)."""
+    from shared_backbone.plots import new_figure, save_png
+
+    fig = new_figure((5.5, 4))
+    ax = fig.subplots()
+    for r in rows:
+        if r["pruned"]:
+            ratios = [0.0] + [p["ratio"] for p in r["pruned"]]
+            accs = [r["test_accuracy"]] + [p["test_accuracy"] for p in r["pruned"]]
+            ax.plot(ratios, [100 * a for a in accs], "o-", label=f"{r['arm']} E={r['expansion']}")
+    ax.set(xlabel="pruning ratio rho (1x1 weights, global magnitude)", ylabel="test accuracy [%]",
+           title=f"after pruning, no fine-tuning (L1 lambda={lam:g})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def plot_accuracy(rows: list[dict], path: Path) -> Path:
     from shared_backbone.plots import new_figure, save_png
 
@@ -180,6 +198,7 @@ def main(argv=None) -> dict:
                     help="also train a frozen arm with this weight sharing: none, global, recycled or a "
                          "comma-separated list (global,recycled)")
     ap.add_argument("--share-fraction", type=float, default=1 / 16)
+    ap.add_argument("--frozen-only", action="store_true", help="skip the arm that learns its spatial filters")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=5000, help="0 = all 60,000")
     ap.add_argument("--test-subset", type=int, default=2000, help="0 = all 10,000")
@@ -225,7 +244,7 @@ def main(argv=None) -> dict:
     bad = [x for x in sharings if x not in ("global", "recycled")]
     if bad:
         ap.error(f"--sharing {bad[0]!r} is not one of none, global, recycled")
-    arms = ["learned", "frozen"] + [f"frozen_{x}" for x in sharings]
+    arms = (["frozen"] if args.frozen_only else ["learned", "frozen"]) + [f"frozen_{x}" for x in sharings]
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, precise_bn=args.precise_bn,
                          l1_pointwise=args.l1)
@@ -244,6 +263,8 @@ def main(argv=None) -> dict:
             rows.append(r)
             write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
     plot_accuracy(rows, out / "accuracy_vs_expansion.png")
+    if args.prune_ratios:
+        plot_pruning(rows, out / "pruning.png", args.l1)
     from shared_backbone.lc_analysis import plot_filter_grid, plot_position_variance
 
     plot_filter_grid(filters, out / "stem_filters.png", n=12)

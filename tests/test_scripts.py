@@ -155,3 +155,34 @@ def test_example_runs(path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # stay on one thread: the machine is shared
     monkeypatch.setattr(sys, "argv", [str(path)])
     runpy.run_path(str(path), run_name="__main__")
+
+
+def test_reproduce_lc_trains_prunes_and_plots(tmp_path, monkeypatch, capsys):
+    """Figure 1 / Figure 19 mode on 64 stand-in images: frozen arms only, recycled sharing, L1, pruning."""
+    def stand_in(card, split, *args, **kw):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return (torch.randint(0, 256, (64, *card.input_shape), generator=g, dtype=torch.uint8),
+                torch.randint(0, card.num_classes, (64,), generator=g))
+
+    monkeypatch.setattr(data_mod, "load_arrays", stand_in)
+    res = _script("reproduce_lc").main(
+        ["--expansions", "1,2", "--width", "4", "--epochs", "1", "--batch-size", "32", "--sharing", "recycled",
+         "--share-fraction", "0.25", "--frozen-only", "--l1", "1e-4", "--prune", "0.5,0.9", "--precise-bn", "1",
+         "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    rows = res["rows"]
+    assert [(r["arm"], r["expansion"]) for r in rows] == [("frozen", 1), ("frozen_recycled", 1), ("frozen", 2),
+                                                         ("frozen_recycled", 2)]
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["fgsm"]["fgsm_accuracy"] <= 1
+        assert [p["ratio"] for p in r["pruned"]] == [0.5, 0.9]
+        dense, half, most = (r["pruned"][0]["pointwise_bytes_dense"], r["pruned"][0]["pointwise_bytes_sparse"],
+                             r["pruned"][1]["pointwise_bytes_sparse"])
+        assert most < half < dense  # a sparser file really is smaller
+    # recycled sharing stores fewer spatial weights than one copy per layer
+    assert rows[1]["total"] < rows[0]["total"] and rows[1]["learned"] == rows[0]["learned"]
+    for png in ("accuracy_vs_expansion.png", "pruning.png", "stem_filters.png", "stem_position_variance.png",
+                "pointwise_histograms_E2.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC, png
+    saved = json.loads((tmp_path / "accuracy_vs_expansion.json").read_text())
+    assert saved["config"]["l1_pointwise"] == 1e-4 and len(saved["rows"]) == 4
+    assert "after pruning rho=0.9" in capsys.readouterr().out
