@@ -19,7 +19,7 @@ Suites (``--only``):
                  per member (``describe``) vs one full model
   lc             LCResNet-20-16xE (E = 8, 32, 128; spatial frozen, plain module + SGD): fused vs
                  unfused LC-Blocks, fused x128 vs a plain ResNet-20-16 step (also at the paper's
-                 CIFAR-10 shapes: 3x32x32, batch 256); peak memory of each
+                 CIFAR-10 shapes: 3x32x32, batch 256); peak memory of each (but the latter two)
   distributed    K=8 members trained by fit() in 1 process vs 2 (accelerate launch), member-parallel
                  vs data-parallel, fresh processes, the cores split evenly between processes
   adapters       serving (eval forward, no grad): one mixed batch of 4 tasks through AdapterBank
@@ -489,7 +489,8 @@ def distributed_suite(args) -> dict:
                 print(f"  [distributed] {name} repeat {r + 1}: {runs[name][-1]['median_step_s']:.3f} s/step", flush=True)
     cases = {n: {"median_s": statistics.median(x["median_step_s"] for x in v),
                  "all_s": [x["median_step_s"] for x in v], "processes": v[0]["processes"],
-                 "threads_per_process": v[0]["threads_per_process"]} for n, v in runs.items()}
+                 "threads_per_process": v[0]["threads_per_process"], "execution": v[0].get("execution")}
+             for n, v in runs.items()}
     one = cases["one_process"]["median_s"]
     ratios = {
         f"one_over_{procs}proc_members": {"value": one / cases[f"{procs}proc_members"]["median_s"], "met": None},
@@ -692,7 +693,8 @@ def lc_suite(bench: Bench, args) -> dict:
     body["config"] = {"arch": "lcresnet20", "width": bench.cfg["width"], "expansions": list(lc_expansions(bench.cfg)),
                       "trained": "1x1s, BN, head (freeze_spatial); SGD as in the other suites",
                       "batches": {n: c[2] for n, c in lc_case_names(bench.cfg).items()},
-                      "unfused_cap_bytes": LC_UNFUSED_CAP, "paper_setting": LC_PAPER_SETTING,
+                      "unfused_cap_bytes": LC_UNFUSED_CAP,
+                      "paper_setting": {"in_channels": 3, "image": 8, "batch": 4} if bench.cfg["quick"] else LC_PAPER_SETTING,
                       "note": "an unfused case whose k x k outputs exceed the cap runs at a halved batch, "
                               "paired with a fused case at the same batch"}
     base = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),

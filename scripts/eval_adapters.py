@@ -3,6 +3,7 @@
 
     python scripts/eval_adapters.py runs/adapters/mnist5k runs/adapters/digits
     python scripts/eval_adapters.py runs/transfer/random          # a whole bank (AdapterBank.save)
+    python scripts/eval_adapters.py runs/adapters                 # every adapter folder inside (train_adapter.py --task A B)
 
 Each adapter is loaded onto its backbone (``backbone.json`` beside it, or regenerated from the recipe
 in its config), checked against the fingerprint, and run on its task card's test split.
@@ -24,6 +25,13 @@ from shared_backbone.train import predict
 def _adapter_dirs(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
+        if p.is_file() and len(paths) > 1:  # a shell glob over train_adapter's output: backbone.json, *.results.json
+            continue
+        if p.is_dir() and not (p / ADAPTER_CONFIG).is_file() and not (p / BANK_CONFIG).is_file():
+            inner = sorted(q for q in p.iterdir() if (q / ADAPTER_CONFIG).is_file())
+            if inner:  # a folder of adapter folders (train_adapter.py --task A B ... --out DIR)
+                out += inner
+                continue
         if (p / ADAPTER_CONFIG).is_file():
             out.append(p)
         elif (p / BANK_CONFIG).is_file():
@@ -35,7 +43,7 @@ def _adapter_dirs(paths: list[str]) -> list[Path]:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", help="adapter folders or bank folders")
+    ap.add_argument("dirs", nargs="+", help="adapter folders, bank folders, or folders of adapter folders")
     ap.add_argument("--test-subset", type=int, default=0, help="0 = the whole test split")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))

@@ -14,6 +14,7 @@ filters for every E (Figure 12), plus FVE and FGSM (eps=1/255) of every model.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -143,7 +144,9 @@ def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict
 
     m = copy.deepcopy(member).eval()
     prune_pointwise(m, ratio)
-    correct = sum(int((m(test.x[i:i + batch_size]).argmax(-1) == test.y[i:i + batch_size]).sum())
+    device = next(m.parameters()).device
+    correct = sum(int((m(test.x[i:i + batch_size].to(device)).argmax(-1).cpu() == test.y[i:i + batch_size].cpu())
+                      .sum())
                   for i in range(0, len(test.y), batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         pw = {n: w.detach() for n, w in pointwise_weights(m).items()}
@@ -231,6 +234,10 @@ def main(argv=None) -> dict:
         print(f"\nJSON: {out / 'tables.json'}")
         return res
 
+    if not (args.l1 >= 0 and math.isfinite(args.l1)):
+        ap.error(f"--l1 must be a finite number >= 0, got {args.l1}")
+    if args.precise_bn < 0:
+        ap.error(f"--precise-bn must be a number of batches >= 0, got {args.precise_bn}")
     try:
         args.prune_ratios = [float(r) for r in args.prune.split(",") if r.strip()]
     except ValueError:
@@ -240,7 +247,7 @@ def main(argv=None) -> dict:
     expansions = [int(e) for e in args.expansions.split(",") if e.strip()]
     if not expansions or min(expansions) < 1:
         ap.error(f"--expansions must be integers >= 1, got {args.expansions!r}")
-    sharings = [x.strip() for x in args.sharing.split(",") if x.strip() and x.strip() != "none"]
+    sharings = list(dict.fromkeys(x.strip() for x in args.sharing.split(",") if x.strip() and x.strip() != "none"))
     bad = [x for x in sharings if x not in ("global", "recycled")]
     if bad:
         ap.error(f"--sharing {bad[0]!r} is not one of none, global, recycled")

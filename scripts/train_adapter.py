@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate.utils import InitProcessGroupKwargs
 
 from shared_backbone import FrozenBackbone, build_backbone, parse_spec
 from shared_backbone.adapters import AdapterBank, adapter_bytes
@@ -54,17 +56,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--precise-bn", type=int, default=20,
                     help="batches to recompute BatchNorm statistics over after training (0 = off)")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    ap.add_argument("--sync-timeout-h", type=float, default=24.0, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    accelerator = make_accelerator(args.mixed_precision)  # one process, or all of `accelerate launch` in one group
+    # one process, or all of `accelerate launch` in one group; task-parallel processes meet only at the end,
+    # after training tasks of unequal length, so the group's timeout must outlast the longest imbalance
+    accelerator = make_accelerator(args.mixed_precision,
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=args.sync_timeout_h))])
 
     if args.name and len(args.task) > 1:
         ap.error("--name names one task; with several tasks each adapter takes its card's name")
-    if len(set(args.task)) != len(args.task):
-        ap.error(f"--task lists a task twice: {args.task}")
     parallel = args.parallel if args.parallel != "auto" else ("tasks" if len(args.task) > 1 else "data")
     procs = accelerator.num_processes
     if parallel == "tasks" and procs > len(args.task):
@@ -74,7 +78,11 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     home_out = out if len(args.task) > 1 else out.parent  # where backbone.json goes
     cards = {t: load_task(t) for t in args.task}  # a bad card fails here, on every process, before any work
+    names = [c.name for c in cards.values()]
+    if len(set(names)) != len(names):
+        ap.error(f"--task names one task twice (card names {names}); each task needs its own adapter folder")
     first = next(iter(cards.values()))
+    channels = {t: c.input_shape[0] for t, c in cards.items()}
     home = Path(args.backbone_dir) if args.backbone_dir else home_out
     if (home / "backbone.json").is_file():
         frozen = load_backbone(home)
@@ -84,6 +92,16 @@ def main(argv=None) -> dict:
         bb = build_backbone("resnet20", width=args.width, in_channels=first.input_shape[0],
                             num_classes=args.backbone_classes)
         frozen = FrozenBackbone(bb, seed=args.seed)
+    wrong = {t: c for t, c in channels.items() if c != frozen.backbone.in_channels}
+    if wrong:
+        ap.error(f"the backbone takes {frozen.backbone.in_channels}-channel images but task(s) "
+                 f"{', '.join(f'{t} ({c} channels)' for t, c in wrong.items())} have another count; "
+                 "train tasks of one channel count per backbone")
+    if (home_out / "backbone.json").is_file() and home_out != home:
+        there = load_backbone(home_out)
+        if there.fingerprint != frozen.fingerprint:
+            raise SystemExit(f"{home_out}/backbone.json is another backbone (fingerprint {there.fingerprint[:12]}) "
+                             f"than --backbone-dir {home} ({frozen.fingerprint[:12]}); write the adapters elsewhere")
     if accelerator.is_main_process and not (home_out / "backbone.json").is_file():
         save_backbone(frozen, home_out)
     accelerator.wait_for_everyone()

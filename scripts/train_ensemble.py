@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from shared_backbone import parse_spec
-from shared_backbone.distributed import PARALLEL_MODES, make_accelerator
+from shared_backbone.distributed import make_accelerator
 from shared_backbone.io import write_json
 from shared_backbone.plots import plot_ensemble_report
 from shared_backbone.recipes import format_report, train_ensemble
@@ -32,9 +32,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--task", default="fashion_mnist", help="a task card in tasks/")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--warm-start-epochs", type=int, default=0, help="train the full net first, then freeze it")
-    ap.add_argument("--train-subset", type=int, default=5000, help="0 = the whole training split")
+    ap.add_argument("--train-subset", type=int, default=10000, help="0 = the whole training split")
     ap.add_argument("--test-subset", type=int, default=5000, help="0 = the whole test split")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bootstrap", action="store_true", help="with --data own: bootstrap samples per member")
     ap.add_argument("--execution", choices=["auto", "vmap", "loop"], default="auto",
                     help="members in one vmapped call or a loop; auto = vmap on CUDA, loop on CPU (faster on 2 cores today)")
-    ap.add_argument("--parallel", choices=PARALLEL_MODES, default="members",
+    ap.add_argument("--parallel", choices=["members", "data"], default="members",
                     help="with several processes: split the members (no gradient traffic) or the data (DDP)")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                     help="autocast the forward (bf16 works on CPUs too; fp16 needs CUDA)")

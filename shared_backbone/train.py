@@ -265,6 +265,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         local = full.select(ids).to(accelerator.device)
     else:
         local = full.to(accelerator.device)
+    if cfg.l1_pointwise and not pointwise_weights(local):
+        raise ValueError(f"l1_pointwise={cfg.l1_pointwise} but the slice learns no 1x1 conv weight; "
+                         "learn Pointwise() (or set l1_pointwise=0)")
     params = [p for p in local.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
@@ -277,6 +280,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     if resume and ckpt and (ckpt / "state.json").exists():
         meta = _load_checkpoint(ckpt, local, opt, params, ids)
         position = {"epoch": int(meta["epoch"]), "step_in_epoch": int(meta.get("step_in_epoch", 0)),
+                    "partial": meta.get("epoch_partial", [0.0, 0.0, 0.0]),
                     "step": int(meta["step"])}
         history = read_json(Path(out_dir) / "history.json") if (Path(out_dir) / "history.json").exists() else []
         history = [h for h in history if h["epoch"] <= position["epoch"]]
@@ -293,14 +297,16 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in local.member_ids}
         sets = [train.bootstrap(gens[i]) if cfg.bootstrap else train for i in local.member_ids]
     shard = parallel == "data" and procs > 1
-    if cfg.l1_pointwise and not pointwise_weights(local):
-        raise ValueError(f"l1_pointwise={cfg.l1_pointwise} but the slice learns no 1x1 conv weight; "
-                         "learn Pointwise() (or set l1_pointwise=0)")
 
-    def checkpoint(epoch: int, step_in_epoch: int, step: int) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, step: int, partial=(0.0, 0.0, 0.0)) -> None:
         tensors = _full_state(accelerator, full, local, opt.optimizer, params, counts)  # collective: every rank
+        # the running epoch's loss/accuracy sums so far, over every process, so a resumed epoch reports them whole
+        partial = torch.tensor(partial, dtype=torch.float64, device=accelerator.device)
+        if procs > 1:
+            partial = accelerator.reduce(partial, "sum")
         if main_process:
-            _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step}, cfg)
+            _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
+                                             "epoch_partial": partial.tolist()}, cfg)
             write_json(Path(out_dir) / "history.json", history)
         if not local_only:
             accelerator.wait_for_everyone()
@@ -311,6 +317,8 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     for epoch in range(position["epoch"], cfg.epochs):
         skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
         loss_sum, correct, seen = 0.0, 0.0, 0
+        if skip and main_process:  # resumed mid-epoch: the sums of the steps before the checkpoint (all processes)
+            loss_sum, correct, seen = position.get("partial", (0.0, 0.0, 0.0))
         bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or not main_process)
         for i, (x, y) in enumerate(_member_batches(local, train, cfg, epoch, sets)):
@@ -347,7 +355,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             bar.update()
             if ckpt and checkpoint_every and step % checkpoint_every == 0 and i + 1 < steps:
-                checkpoint(epoch, i + 1, step)
+                checkpoint(epoch, i + 1, step, (loss_sum, correct, float(seen)))
             if on_step is not None:
                 on_step(step)
         bar.close()

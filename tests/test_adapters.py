@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -400,3 +401,39 @@ def test_train_adapter_then_eval_adapters(tmp_path, capsys):
     assert rows[1]["learned"] == r2["learned"] and rows[1]["adapter_bytes"] == r2["adapter_bytes"]
     out = capsys.readouterr().out
     assert "| task" in out and "adapter bytes" in out and "digits_fc" in out
+
+
+def test_train_adapter_several_tasks_then_eval_the_folder(tmp_path, capsys):
+    common = ["--width", "4", "--epochs", "1", "--max-steps-per-epoch", "1", "--train-subset", "32",
+              "--test-subset", "32", "--threads", "1", "--no-progress"]
+    res = _script("train_adapter").main(["--task", "digits", "mnist5k", "--slice", "Head()",
+                                         "--out", str(tmp_path / "bank")] + common)
+    reports = {r["task"]: r for r in res["reports"]}
+    assert set(reports) == {"digits", "mnist5k"}
+    assert len({r["fingerprint"] for r in reports.values()}) == 1  # one backbone for both
+    assert (tmp_path / "bank" / "backbone.json").is_file()
+    # the folder itself, and a shell glob over it (which also matches backbone.json and *.results.json)
+    by_folder = _script("eval_adapters").main([str(tmp_path / "bank"), "--test-subset", "32", "--threads", "1"])
+    by_glob = _script("eval_adapters").main([str(p) for p in sorted((tmp_path / "bank").iterdir())] +
+                                            ["--test-subset", "32", "--threads", "1"])
+    assert sorted(r["task"] for r in by_folder) == sorted(r["task"] for r in by_glob) == ["digits", "mnist5k"]
+    for r in by_folder:
+        assert r["accuracy"] == reports[r["task"]]["accuracy"]  # reloaded adapters score as trained
+
+
+@pytest.mark.parametrize("tasks, match", [
+    (["mnist5k", "tasks/mnist5k.toml"], "names one task twice"),
+    (["mnist5k", "cifar10"], r"1-channel images but task\(s\) cifar10 \(3 channels\)"),
+])
+def test_train_adapter_refuses_bad_task_lists(tmp_path, capsys, tasks, match):
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    try:
+        with pytest.raises(SystemExit):
+            _script("train_adapter").main(["--task", *tasks, "--out", str(tmp_path / "x"), "--width", "4"])
+    finally:
+        os.chdir(cwd)
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()

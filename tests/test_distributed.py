@@ -194,25 +194,82 @@ def test_bf16_autocast_trains_on_cpu():
     assert any(not torch.equal(before[n], p) for n, p in ens.slices.items())
 
 
+class _NoCollectives:
+    """A real one-process Accelerator that claims to be rank 1 of 2 and raises on every collective."""
+
+    def __init__(self, real):
+        self._real = real
+        self.num_processes, self.process_index, self.is_main_process = 2, 1, False
+
+    def __getattr__(self, name):
+        if name in ("gather", "gather_for_metrics", "reduce", "wait_for_everyone", "prepare_model",
+                    "prepare_data_loader", "split_between_processes", "pad_across_processes"):
+            def refuse(*a, **k):
+                raise AssertionError(f"parallel='local' called accelerator.{name}")
+            return refuse
+        return getattr(self._real, name)
+
+
+def test_local_mode_calls_no_collective_and_trains_as_one_process(tmp_path):
+    """fit(parallel="local") on a process of a 2-process group: training, checkpoints, resume and
+    evaluation touch no collective, and the slices equal an ordinary one-process run's."""
+    from shared_backbone.train import TrainConfig, fit
+
+    cfg = TrainConfig(epochs=2, batch_size=32, augment=False, seed=3)
+    ref, train, test = worker.build("members")
+    ref_rec = fit(ref, train, test, cfg, accelerator=make_accelerator(cpu=True), progress=False)
+    ens, _, _ = worker.build("members")
+    fake = _NoCollectives(make_accelerator(cpu=True))
+    stop = {"at": 5}
+
+    class Stop(Exception):
+        pass
+
+    def on_step(step):
+        if step == stop["at"]:
+            raise Stop
+    with pytest.raises(Stop):  # interrupted after a mid-epoch checkpoint...
+        fit(ens, train, test, cfg, accelerator=fake, parallel="local", out_dir=tmp_path, checkpoint_every=2,
+            on_step=on_step, progress=False)
+    ens, _, _ = worker.build("members")  # ...and resumed in a fresh stack
+    rec = fit(ens, train, test, cfg, accelerator=fake, parallel="local", out_dir=tmp_path, resume=True,
+              progress=False)
+    assert rec["processes"] == 1 and rec["steps"] == ref_rec["steps"]
+    assert (tmp_path / "checkpoint" / "state.safetensors").is_file()
+    got = {k: v for k, v in ens.state_dict().items()}
+    assert_same(got, dict(ref.state_dict()), atol=1e-12)
+    assert rec["test"]["accuracy"] == ref_rec["test"]["accuracy"]
+    assert [h["train_loss"] for h in rec["history"]] == pytest.approx([h["train_loss"] for h in ref_rec["history"]],
+                                                                     abs=1e-12)
+
+
 ADAPTER_ARGS = ["--width", "4", "--epochs", "1", "--train-subset", "96", "--test-subset", "64", "--batch-size", "32",
                 "--precise-bn", "2", "--no-progress", "--threads", "1"]
 
 
 def test_task_parallel_adapters_match_one_process_each(tmp_path):
-    """train_adapter.py with two tasks under 2 processes: each process trains one task alone (no traffic),
-    and each adapter equals the one a plain single-process run of that task writes."""
+    """train_adapter.py with three tasks under 2 processes (2 + 1, of unequal sizes): each process trains
+    its tasks alone (no traffic), and each adapter, accuracy and loss history equals what a plain
+    single-process run of that task writes."""
     script = str(ROOT / "scripts" / "train_adapter.py")
-    res = launch("--task", "mnist5k", "digits", "--out", str(tmp_path / "two"), *ADAPTER_ARGS, script=script)
-    assert "2 processes, tasks-parallel" in res.stdout
-    for task in ("mnist5k", "digits"):
-        one = subprocess.run([sys.executable, script, "--task", task, "--out", str(tmp_path / "one" / task),
+    card = (ROOT / "tasks" / "mnist5k.toml").read_text()
+    third = tmp_path / "mnist5k_other.toml"  # a user's card: same data, another split
+    third.write_text(card.replace('name = "mnist5k"', 'name = "mnist5k_other"').replace("split_seed = 0", "split_seed = 7"))
+    tasks = {"mnist5k": "mnist5k", "digits": "digits", "mnist5k_other": str(third)}
+    res = launch("--task", *tasks.values(), "--out", str(tmp_path / "two"), *ADAPTER_ARGS, script=script)
+    assert "3 processes" not in res.stdout and "2 processes, tasks-parallel" in res.stdout
+    for i, (name, task) in enumerate(tasks.items()):
+        one = subprocess.run([sys.executable, script, "--task", task, "--out", str(tmp_path / "one" / name),
                               *ADAPTER_ARGS], env=_env(), capture_output=True, text=True, timeout=300)
         assert one.returncode == 0, one.stderr[-3000:]
-        a, _ = load_tensors(tmp_path / "two" / task / "adapter_model.safetensors")
-        b, _ = load_tensors(tmp_path / "one" / task / "adapter_model.safetensors")
+        a, _ = load_tensors(tmp_path / "two" / name / "adapter_model.safetensors")
+        b, _ = load_tensors(tmp_path / "one" / name / "adapter_model.safetensors")
         assert_same(a, b, atol=0)
-        report = json.loads((tmp_path / "two" / f"{task}.results.json").read_text())
-        assert report["parallel"] == "local" and report["process"] == (0 if task == "mnist5k" else 1)
+        two_report = json.loads((tmp_path / "two" / f"{name}.results.json").read_text())
+        one_report = json.loads((tmp_path / "one" / f"{name}.results.json").read_text())
+        assert two_report["parallel"] == "local" and two_report["process"] == (0 if i < 2 else 1)
+        assert two_report["accuracy"] == one_report["accuracy"]
+        assert two_report["history"] == one_report["history"]
     assert (tmp_path / "two" / "backbone.json").is_file()
 
 
