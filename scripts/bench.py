@@ -137,14 +137,7 @@ class Bench:
             model = model.to(memory_format=torch.channels_last)
         opt = self._sgd(model.parameters())
         x, y = (self.x_cl if channels_last else self.x), self.y
-
-        def step() -> None:
-            loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return step, model
+        return _plain_step(model, opt, x, y), model
 
 
 def _naive_loop_case(self, spec, members: int) -> Callable[[], None]:
@@ -580,6 +573,18 @@ def lc_batch(cfg: dict, expansion: int) -> int:
     return b
 
 
+def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor) -> Callable[[], None]:
+    """One SGD training step of a plain module on a fixed batch (the recipe every suite uses)."""
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def lc_case(bench: Bench, expansion: int, fused: bool, batch: int, sharing: str = "none") -> Callable[[], None]:
     """One training step of LCResNet-20-{W}x{E} with frozen spatial filters (plain module, SGD)."""
     from shared_backbone.lc import freeze_spatial
@@ -591,14 +596,7 @@ def lc_case(bench: Bench, expansion: int, fused: bool, batch: int, sharing: str 
                            share_fraction=1 / 16 if sharing == "recycled" else 1.0).to(bench.device).train()
     opt = torch.optim.SGD(freeze_spatial(model), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
     x, y = bench.x[:batch], bench.y[:batch]
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return _plain_step(model, opt, x, y)
 
 
 LC_PAPER_SETTING = {"in_channels": 3, "image": 32, "batch": 256}  # the LC paper's CIFAR-10 training steps
@@ -624,14 +622,7 @@ def lc_paper_setting_case(bench: Bench, lc: bool) -> Callable[[], None]:
     g = torch.Generator().manual_seed(cfg["seed"])
     x = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=g).to(bench.device)
     y = torch.randint(0, cfg["num_classes"], (shape["batch"],), generator=g).to(bench.device)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y, label_smoothing=SMOOTH)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return _plain_step(model, opt, x, y)
 
 
 def lc_case_names(cfg: dict) -> dict[str, tuple]:
