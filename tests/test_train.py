@@ -97,6 +97,28 @@ def _learned_rows(full: torch.Tensor, learned_shape: torch.Size) -> torch.Tensor
     return full[: learned_shape[0]]
 
 
+def _before_training(ens) -> tuple[list[torch.nn.Module], list[dict[str, torch.Tensor]]]:
+    """Each member as a plain module, and its slice, as they are before a step."""
+    return ([ens.member(i) for i in range(ens.members)],
+            [{n: t.detach().clone() for n, t in ens.slice_of(i).items()} for i in range(ens.members)])
+
+
+def _first_batch(data: TensorData, bs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first batch fit draws: the same generator seed and call."""
+    (x, y), = list(data.batches(bs, shuffle=True, generator=torch.Generator().manual_seed(seed * 100_003 + 0),
+                                augment=False))
+    return x, y
+
+
+def _plain_grads(model: torch.nn.Module, loss_of) -> dict[str, torch.Tensor]:
+    """Autograd on the plain module in train mode: ``{name: grad}`` of ``loss_of(model)``."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss_of(model), list(model.parameters()), allow_unused=True)))
+
+
 @pytest.mark.parametrize("vectorized", [True, False])
 def test_one_sgd_step_matches_a_hand_written_reference(vectorized):
     lr, seed, bs = 0.1, 3, 8
@@ -105,22 +127,13 @@ def test_one_sgd_step_matches_a_hand_written_reference(vectorized):
     data = _data(bs, seed=1)
     ens = sb.Ensemble(_frozen(), SPEC, members=2, seed=4, vectorized=vectorized)
     ens.train()
-    refs = [ens.member(i) for i in range(2)]  # plain modules, weights as before the step
-    old = [{n: t.detach().clone() for n, t in ens.slice_of(i).items()} for i in range(2)]
-
-    # the batch fit draws: the same generator seed and call
-    (x, y), = list(data.batches(bs, shuffle=True, generator=torch.Generator().manual_seed(seed * 100_003 + 0),
-                                augment=False))
+    refs, old = _before_training(ens)
+    x, y = _first_batch(data, bs, seed)
 
     fit(ens, data, None, cfg, progress=False)
 
     for i, model in enumerate(refs):
-        model.train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        loss = F.cross_entropy(model(x), y)
-        grads = dict(zip([n for n, _ in model.named_parameters()],
-                         torch.autograd.grad(loss, list(model.parameters()))))
+        grads = _plain_grads(model, lambda m: F.cross_entropy(m(x), y))
         new = ens.slice_of(i)
         for n, w in old[i].items():
             expected = w - lr * _learned_rows(grads[n], w.shape)
@@ -142,19 +155,17 @@ def test_l1_on_pointwise_weights_matches_a_hand_written_step():
                                seed=0)
     ens = sb.Ensemble(frozen, sb.Pointwise() + sb.Head(), members=2, seed=4)
     ens.train()
-    refs = [ens.member(i) for i in range(2)]
-    old = [{n: t.detach().clone() for n, t in ens.slice_of(i).items()} for i in range(2)]
-    (x, y), = list(data.batches(bs, shuffle=True, generator=torch.Generator().manual_seed(seed * 100_003 + 0),
-                                augment=False))
+    refs, old = _before_training(ens)
+    x, y = _first_batch(data, bs, seed)
     fit(ens, data, None, cfg, progress=False)
-    for i, model in enumerate(refs):
-        names = [n for n, _ in model.named_parameters()]
-        for p in model.parameters():
-            p.requires_grad_(True)
-        pw = [p for n, p in model.named_parameters() if p.dim() == 4 and p.shape[-2:] == (1, 1)]
+
+    def loss_of(m):
+        pw = [p for p in m.parameters() if p.dim() == 4 and p.shape[-2:] == (1, 1)]
         assert len(pw) == 19 + 2  # the 1x1 of every LC-Block (one per conv of ResNet-20) + 2 shortcut 1x1 convs
-        loss = F.cross_entropy(model(x), y) + lam * sum(p.abs().sum() for p in pw)
-        grads = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+        return F.cross_entropy(m(x), y) + lam * sum(p.abs().sum() for p in pw)
+
+    for i, model in enumerate(refs):
+        grads = _plain_grads(model, loss_of)
         new = ens.slice_of(i)
         for n, w in old[i].items():
             torch.testing.assert_close(new[n].detach(), w - lr * grads[n], rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
@@ -173,17 +184,11 @@ def test_fit_with_a_shared_prefix_matches_the_reference_too():
                       augment=False, seed=0)
     data = _data(8, seed=2)
     ens = sb.Ensemble(_frozen(), sb.Head(), members=2, seed=2)
-    refs = [ens.member(i) for i in range(2)]
-    old = [{n: t.detach().clone() for n, t in ens.slice_of(i).items()} for i in range(2)]
-    (x, y), = list(data.batches(8, shuffle=True, generator=torch.Generator().manual_seed(0), augment=False))
+    refs, old = _before_training(ens)
+    x, y = _first_batch(data, 8, seed=0)
     fit(ens, data, None, cfg, progress=False)
     for i, model in enumerate(refs):
-        model.train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        loss = F.cross_entropy(model(x), y)
-        names = [n for n, _ in model.named_parameters()]
-        grads = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+        grads = _plain_grads(model, lambda m: F.cross_entropy(m(x), y))
         for n, w in old[i].items():
             torch.testing.assert_close(ens.slice_of(i)[n].detach(), w - lr * grads[n], rtol=1e-4, atol=1e-6)
 
