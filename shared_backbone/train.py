@@ -349,9 +349,11 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             sched.step()
             step += 1
             n = y.shape[-1]
-            loss_sum += ce.item() / logits.shape[0] * n  # the data loss, without the L1 penalty
-            correct += (logits.argmax(-1) == target).float().mean(0).sum().item()
-            seen += n
+            # sums over (member, sample) pairs, so that the sums of all processes make the mean over every
+            # member and sample whether members or samples are split; the data loss, without the L1 penalty
+            loss_sum += ce.item() * n
+            correct += (logits.argmax(-1) == target).float().sum().item()
+            seen += n * logits.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             bar.update()
             if ckpt and checkpoint_every and step % checkpoint_every == 0 and i + 1 < steps:

@@ -109,6 +109,9 @@ def test_killed_run_resumes_mid_epoch_to_the_same_slices(one_process, tmp_path):
     ref, ref_meta = one_process["members"]
     assert meta["steps"] == ref_meta["steps"] == 16
     assert_same(resumed, ref, atol=1e-12)
+    # the interrupted epoch's loss and accuracy cover its steps before the checkpoint too
+    for h, r in zip(meta["history"], ref_meta["history"], strict=True):
+        assert h == pytest.approx(r, abs=1e-12)
 
 
 def test_resume_under_two_processes_from_a_one_process_checkpoint(one_process, tmp_path):
@@ -117,8 +120,11 @@ def test_resume_under_two_processes_from_a_one_process_checkpoint(one_process, t
     killed = single("members", str(tmp_path), "--ckpt", str(ckpt), "--kill-after", "10")
     assert killed.returncode == -signal.SIGKILL
     launch("members", str(tmp_path), "--parallel", "members", "--ckpt", str(ckpt), "--resume")
-    resumed, _ = load_tensors(tmp_path / "members.safetensors")
+    resumed, meta = load_tensors(tmp_path / "members.safetensors")
     assert_same(resumed, one_process["members"][0], atol=1e-9)
+    # epoch 1 was interrupted at step 10 of 8 + 8: epoch 2's statistics come from two processes and the checkpoint
+    for h, r in zip(meta["history"], one_process["members"][1]["history"], strict=True):
+        assert h == pytest.approx(r, abs=1e-9)
 
 
 # ---------------------------------------------------------------- no processes needed
