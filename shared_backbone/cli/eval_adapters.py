@@ -40,13 +40,18 @@ def _adapter_dirs(paths: list[str]) -> list[Path]:
     return out
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone eval-adapters", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="adapter folders, bank folders, or folders of adapter folders")
     ap.add_argument("--test-subset", type=int, default=0, help="0 = the whole test split")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     add_runtime(ap)
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []

@@ -26,7 +26,7 @@ ROWS = [("FC", Head()), ("Filters-0.1", Filters(0.1) + BatchNorm() + Head()),
         ("Full", Full())]
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone reproduce-ensembles", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--members", type=int, default=5)
@@ -38,6 +38,11 @@ def main(argv=None) -> list[dict]:
     add_runtime(ap)
     add_backbone(ap, "resnet20")
     add_train_config(ap, defaults=TRAIN_DEFAULTS)
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser()
     args = ap.parse_args(argv)
     config = train_config(ap, args)
     try:

@@ -188,7 +188,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
     return save_png(fig, path)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone reproduce-lc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table1", action="store_true", help="print Table 1 parameter counts and exit")
@@ -208,6 +208,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="results/lc", help="output directory")
     add_runtime(ap)
     add_train_config(ap, defaults=TRAIN_DEFAULTS, aliases={"l1_pointwise": ("--l1",)})
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -22,7 +22,7 @@ DEFAULT_SPECS = [Full(), Filters(0.1) + BatchNorm() + Head(), Filters(0.1, fixed
                  BatchNorm() + Head(), Head()]
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone reproduce-partial", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-subset", type=int, default=0, help="0 = all 60,000 training images")
@@ -31,6 +31,11 @@ def main(argv=None) -> list[dict]:
     add_runtime(ap)
     add_backbone(ap, "resnet20")
     add_train_config(ap)
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser()
     args = ap.parse_args(argv)
     config = train_config(ap, args)
     try:

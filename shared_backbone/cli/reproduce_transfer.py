@@ -35,7 +35,7 @@ def _task_name(task: str, label: str) -> str:
     return f"{task}-{label.replace('+', '_').replace('.', '')}"
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone reproduce-transfer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone-task", default="fashion_mnist", help="task the partially trained backbone learns")
@@ -48,6 +48,11 @@ def main(argv=None) -> list[dict]:
     add_runtime(ap)
     add_backbone(ap, "resnet20")
     add_train_config(ap, defaults=TRAIN_DEFAULTS)
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser()
     args = ap.parse_args(argv)
     config = train_config(ap, args)
     try:
