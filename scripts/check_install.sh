@@ -15,14 +15,15 @@ trap 'rm -rf "$WORK"' EXIT
 unset PYTHONPATH  # only what the wheel installs may be imported
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 step() { echo "[check-install $(date +%T)] $*"; }
+quiet() { "$@" >>"$WORK/log" 2>&1 || { tail -40 "$WORK/log"; echo "check-install: FAILED: $*" >&2; exit 1; }; }
 
 step "fresh virtual environment in $WORK/venv"
 "$PYTHON" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
-"$V/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 build
+quiet "$V/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 build
 
 step "sdist, then the wheel built from the sdist (python -m build)"
-"$V/python" -m build -q --outdir "$WORK/dist" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+quiet "$V/python" -m build --outdir "$WORK/dist" "$ROOT"
 SDIST="$(ls "$WORK"/dist/*.tar.gz)"
 WHEEL="$(ls "$WORK"/dist/*.whl)"
 CARDS="$(cd "$ROOT/tasks" && ls *.toml | sed 's/\.toml$//' | sort | tr '\n' ' ')"
@@ -39,7 +40,7 @@ print(f"  {len(cards)} cards in the sdist (tasks/) and the wheel (shared_backbon
 EOF
 
 step "pip install the wheel (not editable), with the data extra (scikit-learn for digits)"
-"$V/python" -m pip install -q "$WHEEL[data]"
+quiet "$V/python" -m pip install -q "$WHEEL[data]"
 
 mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"
 step "from $PWD: shared-backbone --help"
@@ -62,9 +63,9 @@ print(f"  {len(want)} cards load from {shared_backbone.__file__.rsplit('/', 1)[0
 EOF
 
 step "one-batch train-ensemble on digits"
-"$V/shared-backbone" train-ensemble --task digits --members 2 --epochs 1 --max-steps-per-epoch 1 \
+quiet "$V/shared-backbone" train-ensemble --task digits --members 2 --epochs 1 --max-steps-per-epoch 1 \
     --train-subset 32 --test-subset 32 --batch-size 16 --width 4 --precise-bn 0 --ood none --threads 1 \
-    --no-progress --out run >"$WORK/train.log" 2>&1 || { tail -40 "$WORK/train.log"; exit 1; }
+    --no-progress --out run
 "$V/python" -c "import json; r = json.load(open('run/results.json')); assert r['task'] == 'digits' and r['members'] == 2, r"
 test -d run/ensemble && test -f run/report.png
 step "OK: the wheel installs and works from any folder"

@@ -175,6 +175,18 @@ def test_train_adapter_takes_backbone_options_too(tmp_path, capsys):
                             "--width", "4"])
     assert "backbone 'resnet50' does not take --width" in capsys.readouterr().err
 
+    tiny = ["--task", "digits", "--slice", "Head()", "--epochs", "1", "--max-steps-per-epoch", "1", "--train-subset",
+            "16", "--test-subset", "16", "--batch-size", "16", "--precise-bn", "0", "--threads", "1", "--no-progress"]
+    first = train_adapter.main(tiny + ["--out", str(tmp_path / "a"), "--backbone", "vgg19", "--width", "4"])
+    assert json.loads((tmp_path / "backbone.json").read_text())["arch"] == "vgg19"
+    again = train_adapter.main(tiny + ["--out", str(tmp_path / "b")])  # no backbone flags: reuse the one there
+    assert again["fingerprint"] == first["fingerprint"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # flags that ask for another backbone than the one there are not dropped
+        train_adapter.main(tiny + ["--out", str(tmp_path / "c"), "--width", "8"])
+    assert "backbone.json is {'arch': 'vgg19', 'width': 4}" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
 
 # ----------------------------------------------------------------------------- entry points
 def _run(*cmd: str, cwd=None) -> subprocess.CompletedProcess:
@@ -258,3 +270,32 @@ def test_the_command_runs_the_same_under_accelerate_launch_and_torchrun(tmp_path
     for r in results.values():
         assert r["metrics"]["member_accuracy"] == pytest.approx(one["metrics"]["member_accuracy"], abs=1e-6)
         assert r["fingerprint"] == one["fingerprint"]
+
+
+# ----------------------------------------------------------------------------- library code does not print
+def test_library_code_does_not_print():
+    """Only the jobs in shared_backbone/cli/ print their reports; the library logs or warns."""
+    import ast
+
+    calls = []
+    for path in sorted((REPO / "shared_backbone").rglob("*.py")):
+        if "cli" in path.relative_to(REPO / "shared_backbone").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                calls.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not calls, calls
+
+
+def test_progress_bars_stay_off_when_the_output_is_not_a_terminal(tiny_frozen, capsys):
+    from shared_backbone import Ensemble, Head
+    from shared_backbone.data import TensorData
+    from shared_backbone.train import fit, predict
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g), [0.0], [1.0])
+    ens = Ensemble(tiny_frozen, Head(), members=2)
+    fit(ens, data, None, TrainConfig(epochs=1, batch_size=8, augment=False), progress=True)
+    predict(ens, data, progress=True)
+    captured = capsys.readouterr()
+    assert "epoch 1/1" not in captured.err + captured.out and "eval" not in captured.err + captured.out

@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     ap.add_argument("--sync-timeout-h", type=float, default=24.0, help=argparse.SUPPRESS)
     add_runtime(ap)
-    add_backbone(ap, "resnet20")
+    add_backbone(ap, None)  # None: the backbone already beside --out (or in --backbone-dir), else resnet20
     add_train_config(ap, defaults=TRAIN_DEFAULTS)
     return ap
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     config = train_config(ap, args)
     try:
-        backbone_cfg = backbone_options(args)
+        backbone_cfg = backbone_options(args, name=args.backbone or "resnet20")
     except ValueError as err:
         ap.error(str(err))
     torch.set_num_threads(args.threads)
@@ -94,10 +94,15 @@ def main(argv=None) -> dict:
     home = Path(args.backbone_dir) if args.backbone_dir else home_out
     if (home / "backbone.json").is_file():
         frozen = load_backbone(home)
+        asked = {"arch": args.backbone or frozen.recipe["arch"], **backbone_cfg}
+        has = {"arch": frozen.recipe["arch"], **{k: frozen.recipe["config"].get(k) for k in backbone_cfg}}
+        if asked != has:  # never train on another backbone than the flags ask for
+            ap.error(f"{home}/backbone.json is {has}, not the {asked} that --backbone/--width/--backbone-opt "
+                     "ask for; drop those flags to reuse it, or write the adapters elsewhere")
     elif args.backbone_dir:
         raise SystemExit(f"--backbone-dir {home} holds no backbone.json")
     else:
-        bb = build_backbone(args.backbone, **backbone_cfg, in_channels=first.input_shape[0],
+        bb = build_backbone(args.backbone or "resnet20", **backbone_cfg, in_channels=first.input_shape[0],
                             num_classes=args.backbone_classes)
         frozen = FrozenBackbone(bb, seed=args.seed)
     wrong = {t: c for t, c in channels.items() if c != frozen.backbone.in_channels}
