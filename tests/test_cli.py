@@ -228,6 +228,12 @@ def test_console_script_is_declared_and_exits_zero(capsys):
     assert cli_main(["tasks"]) == 0 and "digits" in capsys.readouterr().out
 
 
+def test_bench_runs_the_checkouts_benchmark(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--help"])
+    assert info.value.code == 0 and "--only" in capsys.readouterr().out
+
+
 def test_every_script_wraps_its_job():
     wrappers = sorted(p.stem for p in (REPO / "scripts").glob("*.py") if not p.name.startswith("_")
                       and p.stem != "bench")

@@ -5,6 +5,7 @@
     shared-backbone eval-adapters runs/adapters
     shared-backbone reproduce-ensembles | reproduce-partial | reproduce-transfer | reproduce-lc ...
     shared-backbone backbones | tasks          # what the registry and the shipped task cards offer
+    shared-backbone bench ...                  # a checkout's developer benchmark, scripts/bench.py
 
 The same jobs run as ``python -m shared_backbone JOB ...``, ``python -m shared_backbone.cli.train_ensemble``,
 under ``accelerate launch -m shared_backbone JOB ...`` and ``torchrun --no-python shared-backbone JOB ...``.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import runpy
 import sys
+from pathlib import Path
 
 __all__ = ["JOBS", "main", "run"]
 
@@ -53,6 +56,20 @@ def _list_tasks(argv) -> list:
     return names
 
 
+def _bench(argv) -> None:
+    """The benchmark stays a developer script of the checkout (it launches itself and its workers by path)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+    if not script.is_file():
+        raise SystemExit("shared-backbone bench runs scripts/bench.py of a source checkout (an editable install); "
+                         "this installation has none: clone the repository to benchmark")
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
 def run(argv: list[str] | None = None):
     """Run one job from its command line; returns what the job's ``main`` returns."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -63,6 +80,7 @@ def run(argv: list[str] | None = None):
         sub.add_parser(name, help=help_, add_help=False)
     sub.add_parser("backbones", help="list the registered backbones and the options each takes", add_help=False)
     sub.add_parser("tasks", help="list the shipped task cards", add_help=False)
+    sub.add_parser("bench", help="training-step benchmarks (a checkout's scripts/bench.py)", add_help=False)
     if not argv or argv[0] in ("-h", "--help") or argv[0].startswith("-"):
         ap.parse_args(argv)  # prints help, or the usage error
     job, rest = argv[0], argv[1:]
@@ -70,8 +88,10 @@ def run(argv: list[str] | None = None):
         return _list_backbones(rest)
     if job == "tasks":
         return _list_tasks(rest)
+    if job == "bench":
+        return _bench(rest)
     if job not in JOBS:
-        ap.error(f"unknown job {job!r}; choose from: {', '.join([*JOBS, 'backbones', 'tasks'])}")
+        ap.error(f"unknown job {job!r}; choose from: {', '.join([*JOBS, 'backbones', 'tasks', 'bench'])}")
     module = importlib.import_module(f"{__name__}.{JOBS[job][0]}")
     return module.main(rest)
 
