@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/eval_adapters.py ...` is `shared-backbone eval-adapters ...`: the job lives in shared_backbone/cli/eval_adapters.py."""
+"""`shared-backbone eval-adapters`, run from a checkout: the job is shared_backbone/cli/eval_adapters.py."""
 import sys
 from pathlib import Path
 

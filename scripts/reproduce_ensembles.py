@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/reproduce_ensembles.py ...` is `shared-backbone reproduce-ensembles ...`: the job lives in shared_backbone/cli/reproduce_ensembles.py."""
+"""`shared-backbone reproduce-ensembles`, run from a checkout: the job is shared_backbone/cli/reproduce_ensembles.py."""
 import sys
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/reproduce_lc.py ...` is `shared-backbone reproduce-lc ...`: the job lives in shared_backbone/cli/reproduce_lc.py."""
+"""`shared-backbone reproduce-lc`, run from a checkout: the job is shared_backbone/cli/reproduce_lc.py."""
 import sys
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/reproduce_partial.py ...` is `shared-backbone reproduce-partial ...`: the job lives in shared_backbone/cli/reproduce_partial.py."""
+"""`shared-backbone reproduce-partial`, run from a checkout: the job is shared_backbone/cli/reproduce_partial.py."""
 import sys
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/reproduce_transfer.py ...` is `shared-backbone reproduce-transfer ...`: the job lives in shared_backbone/cli/reproduce_transfer.py."""
+"""`shared-backbone reproduce-transfer`, run from a checkout: the job is shared_backbone/cli/reproduce_transfer.py."""
 import sys
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/train_adapter.py ...` is `shared-backbone train-adapter ...`: the job lives in shared_backbone/cli/train_adapter.py."""
+"""`shared-backbone train-adapter`, run from a checkout: the job is shared_backbone/cli/train_adapter.py."""
 import sys
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/train_ensemble.py ...` is `shared-backbone train-ensemble ...`: the job lives in shared_backbone/cli/train_ensemble.py."""
+"""`shared-backbone train-ensemble`, run from a checkout: the job is shared_backbone/cli/train_ensemble.py."""
 import sys
 from pathlib import Path
 

@@ -227,7 +227,7 @@ def list_tasks() -> list[str]:
 
 
 def load_task(name_or_path: str | os.PathLike[str]) -> TaskCard:
-    """Read a task card by name (``$SHARED_BACKBONE_TASKS`` first, then the shipped ``tasks/<name>.toml``) or by path."""
+    """Read a task card by name (``$SHARED_BACKBONE_TASKS`` first, then the shipped cards) or by file path."""
     path = Path(name_or_path)
     if not (path.suffix == ".toml" or path.is_file()):
         found = [d / f"{path.name}.toml" for d in _task_dirs() if (d / f"{path.name}.toml").is_file()]

@@ -110,8 +110,8 @@ def predict(model: MemberStack, data: TensorData, batch_size: int = 1000, *, pro
     model.eval()
     device = next(model.parameters()).device
     outs = []
-    batches = list(data.batches(batch_size, shuffle=False))
-    for x, _ in tqdm(batches, desc="eval", disable=None if progress else True, leave=False):  # None: off off a terminal
+    for x, _ in tqdm(list(data.batches(batch_size, shuffle=False)), desc="eval", leave=False,
+                     disable=None if progress else True):  # None: tqdm turns itself off when not on a terminal
         outs.append(model(x.to(device)).float().cpu())
     model.train(was)
     return torch.cat(outs, dim=1)

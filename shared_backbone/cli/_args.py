@@ -73,8 +73,9 @@ def add_backbone(ap: argparse.ArgumentParser, default: str = "resnet20", *,
                  choices: list[str] | None = None) -> argparse._ArgumentGroup:
     """``--backbone``, ``--width`` and ``--backbone-opt KEY=VALUE`` (repeatable)."""
     group = ap.add_argument_group("backbone (options from the registry: `shared-backbone backbones` lists them)")
-    group.add_argument("--backbone", default=default, choices=choices or list_backbones(), metavar="NAME",
-                       help=f"a registered backbone (default: %(default)s); one of: {', '.join(choices or list_backbones())}")
+    names = choices or list_backbones()
+    group.add_argument("--backbone", default=default, choices=names, metavar="NAME",
+                       help=f"a registered backbone (default: %(default)s); one of: {', '.join(names)}")
     group.add_argument("--width", type=int, default=None,
                        help="the backbone's width, for the backbones that take one (default: the backbone's own)")
     group.add_argument("--backbone-opt", action="append", default=[], metavar="KEY=VALUE",
