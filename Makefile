@@ -5,7 +5,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup data demo test test-all bench reproduce clean
+.PHONY: setup data demo test test-all check-install bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,10 +22,15 @@ $(FMNIST):
 	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist
 
 demo: setup data
-	$(OFFLINE) $(PY) scripts/train_ensemble.py --out runs/demo
+	$(OFFLINE) $(VENV)/bin/shared-backbone train-ensemble --out runs/demo
 
+# the suite, then the wheel installed (not editable) into a fresh venv and run from another folder
 test: setup
 	$(OFFLINE) $(PY) -m pytest -m "not slow"
+	scripts/check_install.sh
+
+check-install:
+	scripts/check_install.sh
 
 test-all: setup data
 	$(OFFLINE) $(PY) -m pytest

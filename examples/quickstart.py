@@ -16,7 +16,7 @@ test = TensorData.from_uint8(*load_arrays(card, "test"), card.mean, card.std)
 
 frozen = sb.FrozenBackbone(sb.build_backbone("resnet20", width=8, in_channels=1, num_classes=10), seed=0)
 spec = sb.Filters(0.25) + sb.BatchNorm() + sb.Head()
-sb.describe(frozen, spec, members=4)
+print(sb.describe(frozen, spec, members=4))  # per-stage parameters, learned and stored
 
 ens = sb.Ensemble(frozen, spec, members=4)  # ens(x): (N, 1, 28, 28) -> (4, N, 10)
 fit(ens, train, None, TrainConfig(epochs=3, batch_size=64, lr=0.05), progress=False)

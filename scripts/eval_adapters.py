@@ -1,79 +1,13 @@
 #!/usr/bin/env python
-"""Evaluate saved adapters on their tasks' test splits: task, learned params, adapter bytes, accuracy.
-
-    python scripts/eval_adapters.py runs/adapters/mnist5k runs/adapters/digits
-    python scripts/eval_adapters.py runs/transfer/random          # a whole bank (AdapterBank.save)
-    python scripts/eval_adapters.py runs/adapters                 # every adapter folder inside (train_adapter.py --task A B)
-
-Each adapter is loaded onto its backbone (``backbone.json`` beside it, or regenerated from the recipe
-in its config), checked against the fingerprint, and run on its task card's test split.
-"""
-from __future__ import annotations
-
-import argparse
-import os
+"""`shared-backbone eval-adapters`, run from a checkout: the job is shared_backbone/cli/eval_adapters.py."""
+import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]  # a checkout runs its own package, installed or not
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from shared_backbone.adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
-from shared_backbone.data import TensorData
-from shared_backbone.io import read_json, write_json
-from shared_backbone.train import predict
-
-
-def _adapter_dirs(paths: list[str]) -> list[Path]:
-    out = []
-    for p in map(Path, paths):
-        if p.is_file() and len(paths) > 1:  # a shell glob over train_adapter's output: backbone.json, *.results.json
-            continue
-        if p.is_dir() and not (p / ADAPTER_CONFIG).is_file() and not (p / BANK_CONFIG).is_file():
-            inner = sorted(q for q in p.iterdir() if (q / ADAPTER_CONFIG).is_file())
-            if inner:  # a folder of adapter folders (train_adapter.py --task A B ... --out DIR)
-                out += inner
-                continue
-        if (p / ADAPTER_CONFIG).is_file():
-            out.append(p)
-        elif (p / BANK_CONFIG).is_file():
-            out += [p / t for t in read_json(p / BANK_CONFIG)["tasks"]]
-        else:
-            raise SystemExit(f"{p} is neither an adapter folder ({ADAPTER_CONFIG}) nor a bank ({BANK_CONFIG})")
-    return out
-
-
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", help="adapter folders, bank folders, or folders of adapter folders")
-    ap.add_argument("--test-subset", type=int, default=0, help="0 = the whole test split")
-    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for d in _adapter_dirs(args.dirs):
-        bank = AdapterBank.load(d)
-        adapter = bank.adapter()
-        if adapter.card is None:
-            raise SystemExit(f"{d} was saved without a task card; cannot find its test data")
-        test = TensorData.from_card(adapter.card, "test")
-        if args.test_subset and args.test_subset < len(test):
-            test = test.subset(args.test_subset, seed=1)
-        logits = predict(adapter, test)[0]  # (N, C)
-        full = sum(t.numel() * t.element_size() for t in bank.frozen.tensors().values())
-        rows.append({"dir": str(d), "task": adapter.name, "card": adapter.card.name, "spec": repr(adapter.spec),
-                     "learned": adapter.num_learned(), "adapter_bytes": adapter_bytes(d), "full_model_bytes": full,
-                     "accuracy": (logits.argmax(-1) == test.y).float().mean().item(), "test_size": len(test),
-                     "fingerprint": bank.frozen.fingerprint})
-    width = max(len(r["task"]) for r in rows)
-    print(f"| {'task':<{width}} | {'learned params':>14} | {'adapter bytes':>13} | {'accuracy':>8} |")
-    print(f"|{'-' * (width + 2)}|{'-' * 16}|{'-' * 15}|{'-' * 10}|")
-    for r in rows:
-        print(f"| {r['task']:<{width}} | {r['learned']:>14,} | {r['adapter_bytes']:>13,} | {r['accuracy']:>8.4f} |")
-    print(f"(one full model: {rows[0]['full_model_bytes']:,} bytes of tensors)")
-    if args.out:
-        write_json(args.out, rows)
-    return rows
-
+from shared_backbone.cli.eval_adapters import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 from urllib.parse import urlparse
@@ -58,7 +59,22 @@ IMAGEFOLDER = "imagefolder"  # a user's folder: <root>/<split>/<class name>/<ima
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 AUGMENTATIONS = ("crop_padding", "hflip")
 TASKS_ENV = "SHARED_BACKBONE_TASKS"
-_PACKAGE_TASKS = Path(__file__).resolve().parents[1] / "tasks"
+
+
+def _shipped_tasks() -> Path:
+    """Where the cards that come with the package are.
+
+    In a source checkout (``pyproject.toml`` beside the package) that is the top-level ``tasks/``;
+    in an installed wheel or sdist the build copies ``tasks/`` into the package as
+    ``shared_backbone/tasks``, found through :mod:`importlib.resources` whatever the working folder.
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "tasks").is_dir():
+        return checkout / "tasks"
+    return Path(str(resources.files("shared_backbone").joinpath("tasks")))
+
+
+_PACKAGE_TASKS = _shipped_tasks()
 _OFFLINE_VALUES = ("1", "on", "yes", "true")
 _REQUIRED = ("name", "dataset", "num_classes", "class_names", "input_shape", "mean", "std")
 
@@ -205,13 +221,13 @@ def _task_dirs() -> list[Path]:
 
 
 def list_tasks() -> list[str]:
-    """Names of the task cards found in ``$SHARED_BACKBONE_TASKS`` and the repository's ``tasks/``."""
+    """Names of the task cards found in ``$SHARED_BACKBONE_TASKS`` and the cards shipped with the package."""
     names = {p.stem for d in _task_dirs() if d.is_dir() for p in d.glob("*.toml")}
     return sorted(names)
 
 
 def load_task(name_or_path: str | os.PathLike[str]) -> TaskCard:
-    """Read a task card by name (``tasks/<name>.toml``, ``$SHARED_BACKBONE_TASKS`` first) or by file path."""
+    """Read a task card by name (``$SHARED_BACKBONE_TASKS`` first, then the shipped cards) or by file path."""
     path = Path(name_or_path)
     if not (path.suffix == ".toml" or path.is_file()):
         found = [d / f"{path.name}.toml" for d in _task_dirs() if (d / f"{path.name}.toml").is_file()]

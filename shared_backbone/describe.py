@@ -2,23 +2,36 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from torch import nn
 
 from .frozen import FrozenBackbone
 from .slices import SliceSpec, resolve
 
-__all__ = ["describe", "format_table"]
+__all__ = ["describe", "format_table", "Description"]
 
 _BN = nn.modules.batchnorm._NormBase
 
 
-def describe(frozen: FrozenBackbone, spec: SliceSpec, *, members: int = 1, verbose: bool = True) -> dict:
+class Description(dict):
+    """What :func:`describe` counts: a dict (``d["total"]``, ``d["stages"]``, ...) whose ``str`` is the table."""
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+
+def describe(frozen: FrozenBackbone, spec: SliceSpec, *, members: int = 1, verbose: bool | None = None) -> Description:
     """Count total and learnable parameters of ``spec`` on ``frozen``, per stage and in all.
 
     ``stored_bytes`` per member is its slice plus the BatchNorm statistics it keeps for the
     stages from its first learned parameter on (what saving one member writes, before headers).
+    Nothing is printed: ``print(describe(frozen, spec))`` shows the table. ``verbose`` is accepted
+    for old callers and ignored (``verbose=True`` warns that it no longer prints).
     """
+    if verbose:
+        warnings.warn("describe(..., verbose=True) no longer prints; print(describe(...)) shows the table",
+                      FutureWarning, stacklevel=2)
     bb = frozen.backbone
     layout = resolve(spec, bb)
     shapes = layout.learned_shapes(bb)
@@ -40,7 +53,7 @@ def describe(frozen: FrozenBackbone, spec: SliceSpec, *, members: int = 1, verbo
     learnable = layout.numel(bb)
     itemsize = next(iter(params.values())).element_size()
     total = frozen.num_parameters()
-    out = {
+    return Description({
         "arch": frozen.recipe["arch"],
         "spec": repr(spec),
         "total": total,
@@ -51,13 +64,11 @@ def describe(frozen: FrozenBackbone, spec: SliceSpec, *, members: int = 1, verbo
         "members": members,
         "ensemble_params": total + (members - 1) * learnable if members > 1 else total,
         "stages": rows,
-    }
-    if verbose:
-        print(format_table(out))
-    return out
+    })
 
 
 def format_table(d: dict) -> str:
+    """The per-stage table of a :func:`describe` result."""
     lines = [f"{d['arch']}  spec: {d['spec']}", f"{'stage':<10}{'params':>14}{'learnable':>14}"]
     for r in d["stages"]:
         lines.append(f"{r['stage']:<10}{r['params']:>14,}{r['learnable']:>14,}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,20 +34,23 @@ class TrainConfig:
     :meth:`paper` gives the paper's own numbers for 28-32 px data.
     """
 
-    epochs: int = 2  # passes over the training data
-    batch_size: int = 128  # samples per step (each member sees this many)
-    lr: float = 0.05  # peak learning rate, cosine-annealed per step to 0
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4  # on every learnable tensor, BatchNorm included
-    label_smoothing: float = 0.1
-    augment: bool = True  # the task's random crop / flip, batched on tensors
-    seed: int = 0  # data order and augmentation
-    bootstrap: bool = False  # with data="own": each member trains on a bootstrap sample
-    eval_batch_size: int = 1000
-    precise_bn: int = 0  # after training, recompute BN running statistics as exact averages over this many batches
-    l1_pointwise: float = 0.0  # L1 penalty lambda on every learned 1x1 conv weight (the LC paper's Eq. 5), per member
-    max_steps_per_epoch: int | None = None  # cap, for smoke tests
+    epochs: int = field(default=2, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=128, metadata={"help": "samples per step (each member sees this many)"})
+    lr: float = field(default=0.05, metadata={"help": "peak learning rate, cosine-annealed per step to 0"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "on every learnable tensor, BatchNorm included"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy"})
+    augment: bool = field(default=True, metadata={"help": "the task's random crop / flip, batched on tensors"})
+    seed: int = field(default=0, metadata={"help": "data order and augmentation (and, in the jobs, the backbone)"})
+    bootstrap: bool = field(default=False, metadata={
+        "help": "with data='own': each member trains on a bootstrap sample"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "samples per evaluation batch"})
+    precise_bn: int = field(default=0, metadata={
+        "help": "after training, recompute BatchNorm statistics as exact averages over this many batches (0 = off)"})
+    l1_pointwise: float = field(default=0.0, metadata={
+        "help": "L1 penalty lambda on every learned 1x1 conv weight (the LC paper's Eq. 5), per member (0 = off)"})
+    max_steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on steps per epoch, for smoke tests"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0:
@@ -107,7 +110,8 @@ def predict(model: MemberStack, data: TensorData, batch_size: int = 1000, *, pro
     model.eval()
     device = next(model.parameters()).device
     outs = []
-    for x, _ in tqdm(list(data.batches(batch_size, shuffle=False)), desc="eval", disable=not progress, leave=False):
+    for x, _ in tqdm(list(data.batches(batch_size, shuffle=False)), desc="eval", leave=False,
+                     disable=None if progress else True):  # None: tqdm turns itself off when not on a terminal
         outs.append(model(x.to(device)).float().cpu())
     model.train(was)
     return torch.cat(outs, dim=1)
@@ -320,7 +324,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
         if skip and main_process:  # resumed mid-epoch: the sums of the steps before the checkpoint (all processes)
             loss_sum, correct, seen = position.get("partial", (0.0, 0.0, 0.0))
         bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress or not main_process)
+                   disable=None if progress and main_process else True)  # None: off when not a terminal
         for i, (x, y) in enumerate(_member_batches(local, train, cfg, epoch, sets)):
             if i >= steps:
                 break

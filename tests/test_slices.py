@@ -311,6 +311,8 @@ def test_describe_counts(frozen8, spec, learnable, stats):
 
 def test_describe_per_stage_and_members(frozen8, capsys):
     d = sb.describe(frozen8, Filters(0.25) + Head(), members=4)
+    assert capsys.readouterr().out == ""  # library code does not print; str(d) is the table
+    print(d)
     rows = {r["stage"]: r for r in d["stages"]}
     assert rows["stem"]["learnable"] == 18 and rows["stem"]["params"] == 88
     assert rows["block1"]["learnable"] == 864
