@@ -25,6 +25,7 @@ class count and the padded logits are ``-inf``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +39,9 @@ from ._split import merge_param
 from .data import TaskCard, load_task
 from .ensemble import MemberStack
 from .frozen import FingerprintMismatch, FrozenBackbone
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .io import (ArtifactConflict, _parse_json, header_shapes, manifest_bytes, read_artifact, read_config,
+                 tensors_from_bytes, tensors_to_bytes, write_artifact)
+from .schema import FORMAT_VERSION, NAME_RE, AdapterConfig, BackboneRecipe, BankConfig, check_name, safe_text
 from .slices import Head, SliceLayout, SliceSpec, resolve, spec_from_dict
 
 __all__ = ["AdapterBank", "TaskAdapter", "adapter_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FORMAT_VERSION"]
@@ -46,8 +49,7 @@ __all__ = ["AdapterBank", "TaskAdapter", "adapter_bytes", "ADAPTER_CONFIG", "ADA
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BANK_CONFIG = "adapter_bank.json"
-ADAPTER_FORMAT_VERSION = 1
-_REQUIRED = ("task", "spec", "num_classes", "backbone", "library_version")
+ADAPTER_FORMAT_VERSION = FORMAT_VERSION  # one format_version policy for every file (shared_backbone.schema)
 
 
 # ------------------------------------------------------------------------------------- heads
@@ -211,8 +213,7 @@ class AdapterBank(nn.Module):
         return adapter
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or "." in name or "/" in name or name != name.strip():
-            raise ValueError(f"task name must be a non-empty string without '.' or '/', got {name!r}")
+        check_name(name)
         if name in self:
             raise ValueError(f"task {name!r} is already in the bank; delete_task({name!r}) first or pick another name")
 
@@ -319,79 +320,98 @@ class AdapterBank(nn.Module):
         self._mixed = (key, stack, widths)
         return stack, widths
 
-    # -- saving -------------------------------------------------------------------------------
-    def save_adapter(self, name: str, directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one task, atomically."""
+    # -- saving (PEFT's verbs; see the module docstring for the files and guarantees) --------------
+    def save_adapter(self, name: str, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``adapter_config.json`` (the manifest, last) + ``adapter_model.safetensors`` for one task.
+
+        Only these two names are written in ``directory``; another kind of artifact there is refused
+        unless ``overwrite``; NaN or infinite weights are refused.
+        """
         a = self.adapter(self._resolve_name(name))
-        directory = Path(directory)
-        fp = self.frozen.fingerprint
-        tensors = {f"slice/{n}": t for n, t in a.slice_of(0).items()}
-        tensors.update({f"stats/{n}": t for n, t in a.stats_of(0).items()})
-        with atomic_dir(directory) as tmp:
-            write_json(tmp / ADAPTER_CONFIG, a.config(self.frozen))
-            save_tensors(tmp / ADAPTER_WEIGHTS, tensors, {
-                "fingerprint": fp, "task": a.name, "spec": repr(a.spec), "num_classes": a.num_classes,
-                "format_version": ADAPTER_FORMAT_VERSION,
-            })
-        return directory
+        config, weights = _adapter_files(a, self.frozen)
+        write_artifact(directory, ADAPTER_CONFIG, config, {ADAPTER_WEIGHTS: weights}, overwrite=overwrite)
+        return Path(directory)
 
-    def load_adapter(self, directory: str | Path, name: str | None = None, trainable: bool = False) -> TaskAdapter:
-        """Load an adapter saved by :meth:`save_adapter` as task ``name`` (default: its saved name).
+    save_pretrained = save_adapter  # PEFT's name
 
-        Checks the format version, the fields, the backbone (architecture and fingerprint), the
-        file's header and every tensor's name and shape. ``trainable`` makes its slice require grad.
+    def load_adapter(self, directory: str | Path, name: str | None = None, trainable: bool = False, *,
+                     is_trainable: bool | None = None, adapter_name: str | None = None) -> TaskAdapter:
+        """Load an adapter saved by :meth:`save_adapter` as task ``name`` (PEFT: ``adapter_name``; default:
+        its saved name).
+
+        Checks the manifest (sizes, sha256), the schema (types, bounds), the backbone (architecture and
+        fingerprint), the file's header and every tensor's name, shape and dtype before building
+        anything. ``trainable`` (PEFT: ``is_trainable``) makes its slice require grad.
         """
         directory = Path(directory)
-        config = read_adapter_config(directory)
-        check_backbone(self.frozen, config["backbone"], what=f"the adapter in {directory}")
-        name = config["task"] if name is None else name
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no adapter directory at {directory}")
+        name = adapter_name if adapter_name is not None else name
+        trainable = is_trainable if is_trainable is not None else trainable
+        config, files = read_artifact(directory, ADAPTER_CONFIG, AdapterConfig.from_dict)
+        if ADAPTER_WEIGHTS not in files or len(files) != 1:
+            raise ValueError(f"{directory / ADAPTER_CONFIG} must list exactly {ADAPTER_WEIGHTS}, lists "
+                             f"{sorted(files)[:4]}")
+        return self._load_checked(directory, config, files[ADAPTER_WEIGHTS], name, trainable)
+
+    def _load_checked(self, directory: Path, config: AdapterConfig, weights: bytes, name: str | None,
+                      trainable: bool) -> TaskAdapter:
+        where = str(directory / ADAPTER_WEIGHTS)
+        check_backbone(self.frozen, config.backbone, what=f"the adapter in {directory}")
+        name = config.task if name is None else name
         self._check_new_name(name)
-        card = TaskCard.from_dict(config["task_card"], origin=str(directory / ADAPTER_CONFIG)) \
-            if config.get("task_card") else None
+        card = _untrusted_card(config.task_card, str(directory / ADAPTER_CONFIG)) if config.task_card else None
         try:
-            spec = spec_from_dict(config["spec"])
-        except (TypeError, KeyError) as err:
-            raise ValueError(f"{directory / ADAPTER_CONFIG} has an unreadable spec {config['spec']!r}: {err}") from err
-        tensors, header = load_tensors(directory / ADAPTER_WEIGHTS)
-        self.frozen.check_fingerprint(header.get("fingerprint", "<none>"), what=str(directory / ADAPTER_WEIGHTS))
-        adapter = TaskAdapter(self.frozen, spec, int(config["num_classes"]), name=name, card=card,
-                              seed=int(config.get("seed", 0)))
-        slices = {n[6:]: t for n, t in tensors.items() if n.startswith("slice/")}
-        stats = {n[6:]: t for n, t in tensors.items() if n.startswith("stats/")}
-        want_stats = set(adapter.stats_of(0))
-        other = sorted(n for n in tensors if not n.startswith(("slice/", "stats/")))
-        if set(slices) != set(adapter.layout) or set(stats) != want_stats or other:
-            raise ValueError(
-                f"{directory / ADAPTER_WEIGHTS} does not hold the tensors of {spec!r}: missing "
-                f"{sorted((set(adapter.layout) - set(slices)) | (want_stats - set(stats)))[:4]}, unexpected "
-                f"{sorted((set(slices) - set(adapter.layout)) | (set(stats) - want_stats))[:4] + other[:4]}"
-            )
-        own = adapter.stats_of(0)
-        for n, t in stats.items():
-            if own[n].shape != t.shape:
-                raise ValueError(f"{directory / ADAPTER_WEIGHTS}: statistic {n!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(own[n].shape)}")
-        try:
-            adapter.set_member(0, slices, stats)
-        except ValueError as err:
-            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {err}") from err
+            spec = spec_from_dict(config.spec)
+        except (TypeError, KeyError, ValueError) as err:
+            raise ValueError(f"{directory / ADAPTER_CONFIG} has an unreadable spec: {safe_text(err, 200)}") from None
+        head, linear = _classifier(self.frozen.backbone)
+        shapes = header_shapes(weights, where)
+        got = shapes.get(f"slice/{head}.weight", (None,))[0]
+        if got != (config.num_classes, linear.in_features):  # before a head of num_classes rows is built
+            raise ValueError(f"{where}: the head {head}.weight has shape {got}, but the config says "
+                             f"num_classes={config.num_classes} ({(config.num_classes, linear.in_features)})")
+        adapter = TaskAdapter(self.frozen, spec, config.num_classes, name=name, card=card, seed=config.seed)
+        expect = {f"slice/{n}": (t.shape, t.dtype) for n, t in adapter.slice_of(0).items()}
+        expect.update({f"stats/{n}": (t.shape, t.dtype) for n, t in adapter.stats_of(0).items()})
+        tensors, header = tensors_from_bytes(weights, where, expect)
+        self.frozen.check_fingerprint(header.get("fingerprint", "<none>"), what=where)
+        with torch.no_grad():
+            adapter.set_member(0, {n[6:]: t for n, t in tensors.items() if n.startswith("slice/")},
+                               {n[6:]: t for n, t in tensors.items() if n.startswith("stats/")})
         for p in adapter.parameters():
             p.requires_grad_(trainable)
         self._insert(name, adapter)
         adapter.train(trainable and self.training)  # a frozen adapter serves in eval mode
         return adapter
 
-    def save(self, directory: str | Path) -> Path:
-        """The whole bank: the backbone once, then one adapter folder per task (see the module docstring)."""
-        from .saving import save_backbone
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """The whole bank as one artifact: ``adapter_bank.json`` (the manifest, last), the backbone once,
+        one adapter folder per task. Files of unchanged tasks are not rewritten.
+
+        A bank (or ``backbone.json``) on another backbone already there is refused, naming both
+        fingerprints, unless ``overwrite``.
+        """
+        from .saving import backbone_files
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_backbone(self.frozen, directory)
+        fp = self.frozen.fingerprint
+        there = directory / "backbone.json"
+        if there.is_file() and not overwrite and not (directory / BANK_CONFIG).is_file():
+            theirs = read_config(there).get("fingerprint")
+            if theirs != fp:
+                raise ArtifactConflict(f"{there} is backbone fingerprint {safe_text(theirs)!r}, this bank's is "
+                                       f"{fp!r}; the adapters beside it would no longer load; save elsewhere "
+                                       "or pass overwrite=True")
+        bb = backbone_files(self.frozen)
+        files = {"backbone.json": manifest_bytes({**self.frozen.recipe, "kind": "backbone"}, bb), **bb}
         for name in self.task_names:
-            self.save_adapter(name, directory / name)
-        write_json(directory / BANK_CONFIG, {"format_version": ADAPTER_FORMAT_VERSION, "tasks": self.task_names,
-                                             "active": self.active, "fingerprint": self.frozen.fingerprint})
+            config, weights = _adapter_files(self.adapter(name), self.frozen)
+            files[f"{name}/{ADAPTER_CONFIG}"] = manifest_bytes(config, {ADAPTER_WEIGHTS: weights})
+            files[f"{name}/{ADAPTER_WEIGHTS}"] = weights
+        write_artifact(directory, BANK_CONFIG, {"format_version": FORMAT_VERSION, "kind": "adapter_bank",
+                                                "tasks": self.task_names, "active": self.active, "fingerprint": fp},
+                       files, overwrite=overwrite, same_fingerprint=True)
         return directory
 
     @classmethod
@@ -407,55 +427,103 @@ class AdapterBank(nn.Module):
             return bank.train(trainable)
         if not (directory / BANK_CONFIG).is_file():
             raise FileNotFoundError(f"no adapter bank at {directory} ({BANK_CONFIG} or {ADAPTER_CONFIG} missing)")
-        from .saving import load_backbone
+        from .saving import _frozen_from
 
-        meta = read_json(directory / BANK_CONFIG)
-        if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
-            raise ValueError(f"{directory / BANK_CONFIG} has format_version {meta['format_version']}; this library "
-                             f"reads up to {ADAPTER_FORMAT_VERSION}; upgrade shared_backbone")
-        if "tasks" not in meta:
-            raise ValueError(f"{directory / BANK_CONFIG} is missing the field 'tasks'")
-        bank = cls(load_backbone(directory))
-        for name in meta["tasks"]:
-            bank.load_adapter(directory / name, name=name, trainable=trainable)
-        if meta.get("active") in bank:
-            bank.set_active(meta["active"])
+        meta, files = read_artifact(directory, BANK_CONFIG, BankConfig.from_dict)
+        if "backbone.json" not in files:
+            raise ValueError(f"{directory / BANK_CONFIG} lists no backbone.json")
+        recipe = _config_bytes(files["backbone.json"], directory / "backbone.json")
+        frozen = _frozen_from(BackboneRecipe.from_dict(recipe, str(directory / "backbone.json")), recipe, files,
+                              directory / "backbone.json")
+        if frozen.fingerprint != meta.fingerprint:
+            raise FingerprintMismatch(f"{directory / BANK_CONFIG} is for backbone {meta.fingerprint!r}, its "
+                                      f"backbone.json is {frozen.fingerprint!r}")
+        bank = cls(frozen)
+        for name in meta.tasks:  # names checked by the schema: plain folder names inside the bank
+            cfg_file, w_file = f"{name}/{ADAPTER_CONFIG}", f"{name}/{ADAPTER_WEIGHTS}"
+            if cfg_file not in files or w_file not in files:
+                raise ValueError(f"{directory / BANK_CONFIG} lists task {name!r} but not its files")
+            where = directory / cfg_file
+            config = AdapterConfig.from_dict(_config_bytes(files[cfg_file], where), str(where))
+            entry = config.files.get(ADAPTER_WEIGHTS)
+            if entry is None or entry.sha256 != hashlib.sha256(files[w_file]).hexdigest():
+                raise ValueError(f"{where} does not describe {directory / w_file}")
+            bank._load_checked(directory / name, config, files[w_file], name, trainable)
+        if meta.active is not None:
+            bank.set_active(meta.active)
         return bank.train(trainable)
+
+    from_pretrained = load  # PEFT's name
 
     def extra_repr(self) -> str:
         return f"backbone={self.frozen!r}, tasks={self.task_names}, active={self.active!r}"
 
 
 # ------------------------------------------------------------------------------------- helpers
-def read_adapter_config(directory: Path) -> dict:
-    """``adapter_config.json`` checked for its format version and required fields."""
+def _adapter_files(a: TaskAdapter, frozen: FrozenBackbone) -> tuple[dict, bytes]:
+    """(``adapter_config.json`` body, ``adapter_model.safetensors`` bytes) of one task."""
+    check_name(a.name)
+    tensors = {f"slice/{n}": t for n, t in a.slice_of(0).items()}
+    tensors.update({f"stats/{n}": t for n, t in a.stats_of(0).items()})
+    weights = tensors_to_bytes(tensors, {"fingerprint": frozen.fingerprint, "task": a.name, "spec": repr(a.spec),
+                                         "num_classes": a.num_classes, "format_version": FORMAT_VERSION},
+                               finite=f"task {a.name!r}")
+    return a.config(frozen), weights
+
+
+def _config_bytes(raw: bytes, where: Path) -> dict:
+    obj = _parse_json(raw, str(where))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def read_adapter_config(directory: Path) -> AdapterConfig:
+    """``adapter_config.json`` checked against its schema (types, bounds, format version)."""
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter directory at {directory}")
-    config = read_json(directory / ADAPTER_CONFIG)
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"{directory / ADAPTER_CONFIG} is missing the field 'format_version'")
-    if version > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{directory / ADAPTER_CONFIG} has format_version {version}; this library reads up to "
-                         f"{ADAPTER_FORMAT_VERSION}; upgrade shared_backbone")
-    for key in _REQUIRED:
-        if key not in config:
-            raise ValueError(f"{directory / ADAPTER_CONFIG} is missing the field {key!r}")
-    for key in ("arch", "config", "fingerprint"):
-        if key not in config["backbone"]:
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: backbone is missing the field {key!r}")
-    return config
+    return AdapterConfig.from_dict(read_config(directory / ADAPTER_CONFIG), str(directory / ADAPTER_CONFIG))
 
 
-def check_backbone(frozen: FrozenBackbone, recipe: dict, what: str) -> None:
+def _untrusted_card(d: dict, origin: str) -> TaskCard:
+    """A task card read from an adapter file: data, never a pointer to arbitrary files.
+
+    Its data location (``local_dir``, ``hub_id``, ``local_package``) is kept only when it is the
+    location of the known card of the same name (``tasks/``); otherwise it is cleared, so evaluation
+    needs the data from a path the user passes. Its file names must be plain names.
+    """
+    try:
+        card = TaskCard.from_dict(dict(d), origin=origin)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{origin}: unreadable task card: {safe_text(err, 200)}") from None
+    for split, names in card.local_files.items():
+        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+                   for n in names):
+            raise ValueError(f"{origin}: task card file names for split {safe_text(split)!r} must be plain "
+                             f"file names, got {[safe_text(n) for n in names]}")
+    try:
+        known = load_task(card.name) if NAME_RE.match(card.name) else None
+    except (OSError, ValueError):
+        known = None
+    where = ("local_dir", "hub_id", "local_package", "hub_config")
+    if known is not None and all(getattr(known, f) == getattr(card, f) for f in where):
+        return card
+    for f in where:
+        setattr(card, f, "")
+    return card
+
+
+def check_backbone(frozen: FrozenBackbone, recipe: BackboneRecipe | dict, what: str) -> None:
     """Raise :class:`FingerprintMismatch` naming the difference if ``recipe`` is not ``frozen``'s."""
+    if isinstance(recipe, dict):
+        recipe = BackboneRecipe.from_dict(recipe, what)
     mine = frozen.recipe
-    if (recipe["arch"], recipe["config"]) != (mine["arch"], mine["config"]):
+    if (recipe.arch, recipe.config) != (mine["arch"], mine["config"]):
         raise FingerprintMismatch(
-            f"{what} was made for another architecture: {recipe['arch']} {recipe['config']}, but this bank's "
+            f"{what} was made for another architecture: {recipe.arch} {recipe.config}, but this bank's "
             f"backbone is {mine['arch']} {mine['config']}"
         )
-    frozen.check_fingerprint(recipe["fingerprint"], what=what)
+    frozen.check_fingerprint(recipe.fingerprint, what=what)
 
 
 def _backbone_for_adapter(directory: Path) -> FrozenBackbone:
@@ -464,7 +532,7 @@ def _backbone_for_adapter(directory: Path) -> FrozenBackbone:
     for d in (directory, directory.parent):
         if (d / "backbone.json").is_file():
             return load_backbone(d)
-    return FrozenBackbone.from_recipe(read_adapter_config(directory)["backbone"])
+    return FrozenBackbone.from_recipe(read_config(directory / ADAPTER_CONFIG)["backbone"])
 
 
 @torch.no_grad()
