@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import InitProcessGroupKwargs
 
 from shared_backbone import FrozenBackbone, build_backbone, parse_spec
-from shared_backbone.adapters import AdapterBank, adapter_bytes
+from shared_backbone.adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
 from shared_backbone.distributed import make_accelerator
 from shared_backbone.data import load_task
 from shared_backbone.io import read_json, write_json
@@ -77,6 +77,12 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     home_out = out if len(args.task) > 1 else out.parent  # where backbone.json goes
+    if len(args.task) == 1 and out.is_dir():  # --out is the adapter folder itself: never a folder of others
+        others = sorted(q.name for q in out.iterdir() if (q / ADAPTER_CONFIG).is_file())
+        marks = [n for n in ("backbone.json", BANK_CONFIG) if (out / n).is_file()]
+        if others or marks:
+            ap.error(f"--out {out} holds other adapters ({', '.join(others[:4] + marks)}); with one task --out is "
+                     f"that adapter's own folder: pass --out {out / 'NAME'}")
     cards = {t: load_task(t) for t in args.task}  # a bad card fails here, on every process, before any work
     names = [c.name for c in cards.values()]
     if len(set(names)) != len(names):

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .schema import LIMITS, SchemaError, parse_files, safe_text
+from .schema import LIMITS, SchemaError, check_relpath, parse_files, safe_text
 
 __all__ = ["save_tensors", "load_tensors", "write_json", "read_json", "read_config", "tensors_to_bytes",
            "tensors_from_bytes", "header_shapes", "manifest_bytes", "write_artifact", "read_artifact", "ArtifactConflict", "KNOWN_MANIFESTS"]
@@ -45,6 +45,8 @@ __all__ = ["save_tensors", "load_tensors", "write_json", "read_json", "read_conf
 _META_KEY = "shared_backbone"
 KNOWN_MANIFESTS = {"ensemble.json": "ensemble", "adapter_config.json": "adapter", "adapter_bank.json": "adapter_bank",
                    "state.json": "checkpoint", "backbone.json": "backbone"}
+_OWN_FILE = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|backbone\.json|backbone\.safetensors|"
+                       r"shared\.safetensors|state\.safetensors|member_\d{3,7}\.safetensors)$")  # the only names removed
 _OURS = re.compile(r"^\.sb-(tmp-[0-9a-f]{12}|[0-9a-f]{16})\.")  # staged and temp files: the only names cleaned up
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -313,6 +315,17 @@ def _old_manifest(path: Path) -> dict | None:
         return None
 
 
+def _retired(old: dict | None) -> set[str]:
+    """Old files an earlier save retired but may not have removed yet (names checked: inside the folder)."""
+    out = set()
+    for rel in (old or {}).get("retired", []) if isinstance((old or {}).get("retired"), list) else []:
+        try:
+            out.add(check_relpath(rel, "retired"))
+        except ValueError:
+            continue
+    return out
+
+
 def _clean(folders: set[Path], keep: set[Path]) -> None:
     """Remove this library's temp and staged files (``.sb-*``) in ``folders``, except ``keep``."""
     for d in folders:
@@ -355,6 +368,8 @@ def write_artifact(directory: str | Path, manifest: str, body: Mapping, files: M
             f"{safe_text(old.get('fingerprint'))!r}; this one is on {body.get('fingerprint')!r}; its adapters "
             "would no longer load; save elsewhere, or pass overwrite=True to replace it")
     old_files = parse_files(old, str(directory / manifest)) if old is not None else {}
+    obsolete = set(old_files) | _retired(old)
+    obsolete = {rel for rel in obsolete if rel not in files and rel != manifest and _OWN_FILE.match(Path(rel).name)}
     folders = {(directory / rel).parent for rel in files} | {directory}
     keep = {_staged(directory, rel, e.sha256) for rel, e in old_files.items()}
     _clean(folders, keep)  # leftovers of crashed saves
@@ -371,19 +386,19 @@ def write_artifact(directory: str | Path, manifest: str, body: Mapping, files: M
         staged.append(rel)
     for d in folders:
         _fsync_dir(d)
-    _atomic_write(directory / manifest, manifest_bytes(body, files))  # the commit point
+    # the commit point; ``retired`` remembers the old files to remove, should this save stop before it does
+    _atomic_write(directory / manifest, manifest_bytes({**body, "retired": sorted(obsolete)}, files))
 
     for rel in staged:
         os.replace(_staged(directory, rel, entries[rel]["sha256"]), directory / rel)
         _boundary(f"rename {rel}")
-    for rel in old_files:
-        if rel not in entries and rel != manifest:
-            try:
-                (directory / rel).unlink()
-                _boundary(f"unlink {rel}")
-            except FileNotFoundError:
-                pass
-    gone = {(directory / rel).parent for rel in old_files} - folders
+    for rel in sorted(obsolete):
+        try:
+            (directory / rel).unlink()
+            _boundary(f"unlink {rel}")
+        except FileNotFoundError:
+            pass
+    gone = {(directory / rel).parent for rel in obsolete} - folders
     _clean(folders | gone, set())
     for d in gone:  # a task folder the new artifact no longer has: removed only if nothing else is in it
         try:
