@@ -177,10 +177,10 @@ def check_name(name: Any, what: str = "task name") -> str:
     return name
 
 
-def _required(d: Mapping, file: str, keys: tuple[str, ...]) -> None:
+def _required(d: Mapping, file: str, keys: tuple[str, ...], path: str = "") -> None:
     for key in keys:
         if key not in d:
-            raise SchemaError(f"{file} is missing the field {key!r}")
+            raise SchemaError(f"{file} is missing the field {f'{path}.{key}' if path else key!r}")
 
 
 # ------------------------------------------------------------------------------------- files of a manifest
@@ -197,7 +197,7 @@ def check_relpath(rel: Any, file: str) -> str:
     """A path inside the artifact's folder: relative, at most 2 parts, no ``..``, no hidden names."""
     parts = rel.split("/") if isinstance(rel, str) else None
     if not parts or len(parts) > 2 or not all(_REL_PART.match(p) and p not in (".", "..") for p in parts):
-        raise SchemaError(f"{file}: file name {_show(rel)} is not a plain path inside its folder "
+        raise SchemaError(f"{file}: field 'files' names {_show(rel)}, not a plain path inside its folder "
                           "(accepted: 'name' or 'folder/name', letters, digits, '_', '-', '.', no '..')")
     return rel
 
@@ -237,7 +237,7 @@ class BackboneRecipe:
     @classmethod
     def from_dict(cls, d: Any, file: str, path: str = "") -> "BackboneRecipe":
         r = _Reader(d, file, path)
-        _required(d, file, ("arch", "config", "fingerprint", "source"))
+        _required(d, file, ("arch", "config", "fingerprint", "source"), path)
         version = check_format_version(d, file) if "format_version" in d else FORMAT_VERSION
         cfg = r.obj("config")
         config = {}
