@@ -455,6 +455,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
 
         logits = predict_sharded(full, test, accelerator, cfg.eval_batch_size) if procs > 1 else \
             predict(full, test, cfg.eval_batch_size)
+        if not bool(torch.isfinite(logits).all()):
+            warnings.warn(f"test logits hold NaN or infinite values after training (lr {cfg.lr}): the weights are "
+                          "finite but absurd; lower the learning rate", RuntimeWarning, stacklevel=2)
         record["test"] = evaluate_ensemble(logits, test.y.cpu())
         record["_test_logits"] = logits
     return record
