@@ -2,18 +2,33 @@
 
 A task owns a slice (any :class:`~shared_backbone.slices.SliceSpec`; its own classifier head is
 always learned), its BatchNorm statistics (every BN layer: a task's inputs differ from every other
-task's, so no running statistic is shared) and its task card. The verbs and files follow PEFT
-(``add_adapter``/``set_adapter``/``delete_adapter``/``save_pretrained``/``load_adapter``), plus
-what PEFT lacks: the backbone's recipe and fingerprint, and the BN statistics per task.
+task's, so no running statistic is shared) and its task card. The files and verbs follow PEFT,
+plus what PEFT lacks: the backbone's recipe and fingerprint, and the BN statistics per task.
 
-On disk::
+=========================================  ==============================================
+this library                               PEFT's name (an alias here)
+=========================================  ==============================================
+``bank.add_task(name, spec, task)``        ``add_adapter(adapter_name, ...)``
+``bank.set_active(name)``, ``bank.active``  ``set_adapter(adapter_name)``, ``active_adapter``
+``bank.delete_task(name)``                 ``delete_adapter(adapter_name)``
+``bank.save_adapter(name, dir)``           ``save_pretrained(dir, selected_adapters=[name])``
+``bank.save(dir)``                         ``save_pretrained(dir)`` (several tasks)
+``bank.load_adapter(dir, name, trainable)``  ``load_adapter(dir, adapter_name, is_trainable)``
+``AdapterBank.load(dir, trainable=...)``   ``AdapterBank.from_pretrained(dir, is_trainable=...)``
+=========================================  ==============================================
+
+On disk (each JSON below is its folder's manifest, written last: it lists the other files with
+their sizes and sha256, and a loader trusts nothing else; see :mod:`shared_backbone.io`)::
 
     bank/                              # AdapterBank.save(dir) / AdapterBank.load(dir)
-        adapter_bank.json              # task names, the active task, format version
+        adapter_bank.json              # the bank's manifest: task names, the active task, fingerprint
         backbone.json                  # the backbone recipe, once (+ backbone.safetensors if trained)
         mnist5k/adapter_config.json    # spec, classes, task card, backbone recipe + fingerprint, version
         mnist5k/adapter_model.safetensors  # "slice/<param>" and "stats/<buffer>" tensors; header: fingerprint
         digits/...
+
+A bank is one artifact (a save commits every task at once; unchanged tasks' files are not
+rewritten); every task folder also loads on its own (``AdapterBank.load(bank / "mnist5k")``).
 
 A mixed batch (``bank(x, tasks=[...])``, one task name per sample) runs as one ``vmap`` over the
 tasks present: samples are gathered per task into a padded ``(T, n_max, ...)`` batch, the frozen
@@ -236,6 +251,24 @@ class AdapterBank(nn.Module):
             self.active = self.task_names[0] if len(self) else None
         self._mixed = None
 
+    # PEFT's names for the same verbs
+    def add_adapter(self, adapter_name: str, spec: SliceSpec, task: TaskCard | str | None = None, **kw) -> TaskAdapter:
+        """PEFT's name for :meth:`add_task`."""
+        return self.add_task(adapter_name, spec, task, **kw)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """PEFT's name for :meth:`set_active`."""
+        self.set_active(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's name for :meth:`delete_task`."""
+        self.delete_task(adapter_name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """PEFT's name for :attr:`active`."""
+        return self.active
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: str | None = None, *,
                 tasks: Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
@@ -332,7 +365,13 @@ class AdapterBank(nn.Module):
         write_artifact(directory, ADAPTER_CONFIG, config, {ADAPTER_WEIGHTS: weights}, overwrite=overwrite)
         return Path(directory)
 
-    save_pretrained = save_adapter  # PEFT's name
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None, *,
+                        overwrite: bool = False) -> Path:
+        """PEFT's verb: one task as an adapter folder (:meth:`save_adapter`), several as a bank (:meth:`save`)."""
+        names = list(selected_adapters) if selected_adapters is not None else self.task_names
+        if len(names) == 1:
+            return self.save_adapter(names[0], save_directory, overwrite=overwrite)
+        return self.save(save_directory, overwrite=overwrite, tasks=names)
 
     def load_adapter(self, directory: str | Path, name: str | None = None, trainable: bool = False, *,
                      is_trainable: bool | None = None, adapter_name: str | None = None) -> TaskAdapter:
@@ -385,14 +424,18 @@ class AdapterBank(nn.Module):
         adapter.train(trainable and self.training)  # a frozen adapter serves in eval mode
         return adapter
 
-    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, directory: str | Path, *, overwrite: bool = False, tasks: Sequence[str] | None = None) -> Path:
         """The whole bank as one artifact: ``adapter_bank.json`` (the manifest, last), the backbone once,
         one adapter folder per task. Files of unchanged tasks are not rewritten.
 
         A bank (or ``backbone.json``) on another backbone already there is refused, naming both
-        fingerprints, unless ``overwrite``.
+        fingerprints, unless ``overwrite``. ``tasks`` saves those tasks only (default: every task).
         """
         from .saving import backbone_files
+
+        names = [self._resolve_name(t) for t in tasks] if tasks is not None else self.task_names
+        if not names:
+            raise ValueError("the bank has no task to save; add_task() first")
 
         directory = Path(directory)
         fp = self.frozen.fingerprint
@@ -405,22 +448,26 @@ class AdapterBank(nn.Module):
                                        "or pass overwrite=True")
         bb = backbone_files(self.frozen)
         files = {"backbone.json": manifest_bytes({**self.frozen.recipe, "kind": "backbone"}, bb), **bb}
-        for name in self.task_names:
+        for name in names:
             config, weights = _adapter_files(self.adapter(name), self.frozen)
             files[f"{name}/{ADAPTER_CONFIG}"] = manifest_bytes(config, {ADAPTER_WEIGHTS: weights})
             files[f"{name}/{ADAPTER_WEIGHTS}"] = weights
         write_artifact(directory, BANK_CONFIG, {"format_version": FORMAT_VERSION, "kind": "adapter_bank",
-                                                "tasks": self.task_names, "active": self.active, "fingerprint": fp},
+                                                "tasks": names, "active": self.active if self.active in names else names[0],
+                                                "fingerprint": fp},
                        files, overwrite=overwrite, same_fingerprint=True)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, trainable: bool = False) -> "AdapterBank":
+    def load(cls, directory: str | Path, *, trainable: bool = False, is_trainable: bool | None = None
+             ) -> "AdapterBank":
         """A bank saved by :meth:`save`, or one adapter folder (its backbone beside it or from its recipe).
 
-        The bank comes back in eval mode, or in train mode with slices requiring grad when ``trainable``.
+        The bank comes back in eval mode, or in train mode with slices requiring grad when ``trainable``
+        (PEFT: ``is_trainable``). Every file is checked as :meth:`load_adapter` describes.
         """
         directory = Path(directory)
+        trainable = is_trainable if is_trainable is not None else trainable
         if (directory / ADAPTER_CONFIG).is_file():
             bank = cls(_backbone_for_adapter(directory))
             bank.load_adapter(directory, trainable=trainable)
@@ -453,7 +500,10 @@ class AdapterBank(nn.Module):
             bank.set_active(meta.active)
         return bank.train(trainable)
 
-    from_pretrained = load  # PEFT's name
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, is_trainable: bool = False) -> "AdapterBank":
+        """PEFT's name for :meth:`load`."""
+        return cls.load(directory, trainable=is_trainable)
 
     def extra_repr(self) -> str:
         return f"backbone={self.frozen!r}, tasks={self.task_names}, active={self.active!r}"

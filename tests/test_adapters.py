@@ -454,3 +454,22 @@ def test_train_adapter_refuses_bad_task_lists(tmp_path, capsys, tasks, match):
         os.chdir(cwd)
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- PEFT's verbs
+def test_peft_verbs_and_argument_names(bank, x12, tmp_path):
+    one = bank.save_pretrained(tmp_path / "one", selected_adapters=["block2"])  # one task: an adapter folder
+    assert (one / ADAPTER_CONFIG).is_file()
+    both = bank.save_pretrained(tmp_path / "both", selected_adapters=["block2", "head"])  # several: a bank
+    other = AdapterBank.from_pretrained(both, is_trainable=True)
+    assert other.task_names == ["block2", "head"] and other.training
+    assert all(p.requires_grad for p in other.parameters())
+    fresh = AdapterBank(_frozen())
+    a = fresh.load_adapter(one, adapter_name="renamed", is_trainable=False)
+    assert fresh.task_names == ["renamed"] and not any(p.requires_grad for p in a.parameters())
+    assert torch.equal(fresh.eval()(x12, task="renamed"), bank(x12, task="block2"))
+    fresh.add_adapter("extra", sb.Head(), num_classes=3)
+    fresh.set_adapter("extra")
+    assert fresh.active_adapter == "extra" == fresh.active
+    fresh.delete_adapter("extra")
+    assert fresh.task_names == ["renamed"] and fresh.active_adapter == "renamed"
