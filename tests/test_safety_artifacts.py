@@ -332,3 +332,24 @@ def test_damage_is_named_and_never_loads_silently(tmp_path):
     with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS):
         AdapterBank.load(a)
     assert ADAPTER_CONFIG
+
+
+def test_train_adapter_never_replaces_a_folder_of_other_adapters(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_adapter", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "train_adapter.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    common = ["--width", "4", "--epochs", "1", "--max-steps-per-epoch", "1", "--train-subset", "32",
+              "--test-subset", "32", "--threads", "1", "--no-progress", "--precise-bn", "0"]
+    out = tmp_path / "adapters"
+    mod.main(["--task", "digits", "mnist5k", "--slice", "Head()", "--out", str(out)] + common)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"backbone.json", "digits/adapter_config.json", "mnist5k/adapter_model.safetensors",
+            "digits.results.json"} <= set(before)
+    with pytest.raises(SystemExit) as info:
+        mod.main(["--task", "digits", "--slice", "Head()", "--out", str(out)] + common)
+    assert info.value.code != 0
+    assert "holds other adapters" in capsys.readouterr().err
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
