@@ -367,3 +367,12 @@ def test_eval_adapters_prints_names_escaped(capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.safe_text("ok\n| forged | row |\x1b[2J") == "ok\\n| forged | row |\\x1b[2J"
+
+
+def test_a_huge_member_count_fails_fast_and_small():
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="members=1,000,000"):
+        sb.Ensemble(_frozen(), SPEC, members=10**6)
+    assert time.perf_counter() - t < 2.0
