@@ -54,16 +54,15 @@ from ._split import merge_param
 from .data import TaskCard, load_task
 from .ensemble import MemberStack
 from .frozen import FingerprintMismatch, FrozenBackbone
-from .io import (ArtifactConflict, _parse_json, header_shapes, manifest_bytes, read_artifact, read_config,
-                 tensors_from_bytes, tensors_to_bytes, write_artifact)
-from .schema import FORMAT_VERSION, NAME_RE, AdapterConfig, BackboneRecipe, BankConfig, check_name, safe_text
+from ._adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BANK_CONFIG, _adapter_files, _backbone_for_adapter,
+                             _config_bytes, _untrusted_card, adapter_bytes, check_backbone, read_adapter_config)
+from .io import (ArtifactConflict, header_shapes, manifest_bytes, read_artifact, read_config, tensors_from_bytes,
+                 write_artifact)
+from .schema import FORMAT_VERSION, AdapterConfig, BackboneRecipe, BankConfig, check_name, safe_text
 from .slices import Head, SliceLayout, SliceSpec, resolve, spec_from_dict
 
 __all__ = ["AdapterBank", "TaskAdapter", "adapter_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FORMAT_VERSION"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BANK_CONFIG = "adapter_bank.json"
 ADAPTER_FORMAT_VERSION = FORMAT_VERSION  # one format_version policy for every file (shared_backbone.schema)
 
 
@@ -453,8 +452,8 @@ class AdapterBank(nn.Module):
             files[f"{name}/{ADAPTER_CONFIG}"] = manifest_bytes(config, {ADAPTER_WEIGHTS: weights})
             files[f"{name}/{ADAPTER_WEIGHTS}"] = weights
         write_artifact(directory, BANK_CONFIG, {"format_version": FORMAT_VERSION, "kind": "adapter_bank",
-                                                "tasks": names, "active": self.active if self.active in names else names[0],
-                                                "fingerprint": fp},
+                                                "tasks": names, "fingerprint": fp,
+                                                "active": self.active if self.active in names else names[0]},
                        files, overwrite=overwrite, same_fingerprint=True)
         return directory
 
@@ -510,81 +509,6 @@ class AdapterBank(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _adapter_files(a: TaskAdapter, frozen: FrozenBackbone) -> tuple[dict, bytes]:
-    """(``adapter_config.json`` body, ``adapter_model.safetensors`` bytes) of one task."""
-    check_name(a.name)
-    tensors = {f"slice/{n}": t for n, t in a.slice_of(0).items()}
-    tensors.update({f"stats/{n}": t for n, t in a.stats_of(0).items()})
-    weights = tensors_to_bytes(tensors, {"fingerprint": frozen.fingerprint, "task": a.name, "spec": repr(a.spec),
-                                         "num_classes": a.num_classes, "format_version": FORMAT_VERSION},
-                               finite=f"task {a.name!r}")
-    return a.config(frozen), weights
-
-
-def _config_bytes(raw: bytes, where: Path) -> dict:
-    obj = _parse_json(raw, str(where))
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where} must hold a JSON object, got a {type(obj).__name__}")
-    return obj
-
-
-def read_adapter_config(directory: Path) -> AdapterConfig:
-    """``adapter_config.json`` checked against its schema (types, bounds, format version)."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no adapter directory at {directory}")
-    return AdapterConfig.from_dict(read_config(directory / ADAPTER_CONFIG), str(directory / ADAPTER_CONFIG))
-
-
-def _untrusted_card(d: dict, origin: str) -> TaskCard:
-    """A task card read from an adapter file: data, never a pointer to arbitrary files.
-
-    Its data location (``local_dir``, ``hub_id``, ``local_package``) is kept only when it is the
-    location of the known card of the same name (``tasks/``); otherwise it is cleared, so evaluation
-    needs the data from a path the user passes. Its file names must be plain names.
-    """
-    try:
-        card = TaskCard.from_dict(dict(d), origin=origin)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{origin}: unreadable task card: {safe_text(err, 200)}") from None
-    for split, names in card.local_files.items():
-        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
-                   for n in names):
-            raise ValueError(f"{origin}: task card file names for split {safe_text(split)!r} must be plain "
-                             f"file names, got {[safe_text(n) for n in names]}")
-    try:
-        known = load_task(card.name) if NAME_RE.match(card.name) else None
-    except (OSError, ValueError):
-        known = None
-    where = ("local_dir", "hub_id", "local_package", "hub_config")
-    if known is not None and all(getattr(known, f) == getattr(card, f) for f in where):
-        return card
-    for f in where:
-        setattr(card, f, "")
-    return card
-
-
-def check_backbone(frozen: FrozenBackbone, recipe: BackboneRecipe | dict, what: str) -> None:
-    """Raise :class:`FingerprintMismatch` naming the difference if ``recipe`` is not ``frozen``'s."""
-    if isinstance(recipe, dict):
-        recipe = BackboneRecipe.from_dict(recipe, what)
-    mine = frozen.recipe
-    if (recipe.arch, recipe.config) != (mine["arch"], mine["config"]):
-        raise FingerprintMismatch(
-            f"{what} was made for another architecture: {recipe.arch} {recipe.config}, but this bank's "
-            f"backbone is {mine['arch']} {mine['config']}"
-        )
-    frozen.check_fingerprint(recipe.fingerprint, what=what)
-
-
-def _backbone_for_adapter(directory: Path) -> FrozenBackbone:
-    from .saving import load_backbone
-
-    for d in (directory, directory.parent):
-        if (d / "backbone.json").is_file():
-            return load_backbone(d)
-    return FrozenBackbone.from_recipe(read_config(directory / ADAPTER_CONFIG)["backbone"])
-
-
 @torch.no_grad()
 def _union_slice(a: TaskAdapter, layout: SliceLayout, view: _HeadView, c_max: int) -> dict[str, torch.Tensor]:
     """Task ``a``'s tensors for the union ``layout``: its own where it learns, frozen values elsewhere."""
@@ -623,10 +547,3 @@ def _members_forward(stack: MemberStack, idx: torch.Tensor, h: torch.Tensor) -> 
         return vmap(stack._member_forward, in_dims=(0, 0, 0))(slices, stats, h)
     finally:
         stack._fixed_cache = {}
-
-
-def adapter_bytes(directory: str | Path) -> int:
-    """Bytes of one adapter on disk (config + safetensors)."""
-    directory = Path(directory)
-    return sum(f.stat().st_size for f in (directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS) if f.is_file())
-

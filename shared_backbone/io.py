@@ -40,13 +40,15 @@ from safetensors.torch import save as st_save
 from .schema import LIMITS, SchemaError, check_relpath, parse_files, safe_text
 
 __all__ = ["save_tensors", "load_tensors", "write_json", "read_json", "read_config", "tensors_to_bytes",
-           "tensors_from_bytes", "header_shapes", "manifest_bytes", "write_artifact", "read_artifact", "ArtifactConflict", "KNOWN_MANIFESTS"]
+           "tensors_from_bytes", "header_shapes", "manifest_bytes", "write_artifact", "read_artifact",
+           "ArtifactConflict", "KNOWN_MANIFESTS"]
 
 _META_KEY = "shared_backbone"
 KNOWN_MANIFESTS = {"ensemble.json": "ensemble", "adapter_config.json": "adapter", "adapter_bank.json": "adapter_bank",
                    "state.json": "checkpoint", "backbone.json": "backbone"}
-_OWN_FILE = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|backbone\.json|backbone\.safetensors|"
-                       r"shared\.safetensors|state\.safetensors|member_\d{3,7}\.safetensors)$")  # the only names removed
+_OWN_FILE = re.compile(  # the only names a save ever removes
+    r"^(adapter_config\.json|adapter_model\.safetensors|backbone\.json|backbone\.safetensors|"
+    r"shared\.safetensors|state\.safetensors|member_\d{3,7}\.safetensors)$")
 _OURS = re.compile(r"^\.sb-(tmp-[0-9a-f]{12}|[0-9a-f]{16})\.")  # staged and temp files: the only names cleaned up
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

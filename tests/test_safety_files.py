@@ -178,7 +178,7 @@ def test_names_are_a_safe_charset_and_printing_escapes_control_characters(text):
     assert all(c.isprintable() and c != "\x1b" for c in shown)
 
 
-# ----------------------------------------------------------------------------- tensors: names, shapes, dtypes, statistics
+# ----------------------------------------------------------------------------- tensors: names, shapes, dtypes, stats
 def _member_edit(d: Path, fn) -> None:
     f = d / "member_001.safetensors"
     tensors, header = load_tensors(f)
@@ -262,7 +262,7 @@ def test_hostile_sizes_fail_fast_under_a_memory_ceiling(tmp_path, ens_dir, adapt
     big.mkdir()
     for f in adapter_dir.iterdir():
         (big / f.name).write_bytes(f.read_bytes())
-    _edit_json(big / ADAPTER_CONFIG, lambda m: (m.__setitem__("num_classes", 100_000), m.__setitem__("class_names", None)))
+    _edit_json(big / ADAPTER_CONFIG, lambda m: m.update(num_classes=100_000, class_names=None))
     # members=10**6, and K within bounds but not backed by member files
     _edit_json(ens_dir / "ensemble.json", lambda m: m.__setitem__("members", 10**6))
     ens2 = save_ensemble(sb.Ensemble(_frozen(), SPEC, members=2), tmp_path / "ens2")
