@@ -238,7 +238,7 @@ class BackboneRecipe:
     def from_dict(cls, d: Any, file: str, path: str = "") -> "BackboneRecipe":
         r = _Reader(d, file, path)
         _required(d, file, ("arch", "config", "fingerprint", "source"), path)
-        version = check_format_version(d, file) if "format_version" in d else FORMAT_VERSION
+        version = check_format_version(d, file if not path else f"{file} (field {path!r})")
         cfg = r.obj("config")
         config = {}
         for key, v in cfg.d.items():

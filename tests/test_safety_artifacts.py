@@ -219,7 +219,8 @@ def _user_files(d: Path) -> dict[str, bytes]:
     (d / "sub").mkdir(parents=True, exist_ok=True)
     (d / "thesis.tex").write_text("\\documentclass{article}")
     (d / "sub" / "data.csv").write_text("a,b\n1,2\n")
-    return {"thesis.tex": (d / "thesis.tex").read_bytes(), "sub/data.csv": (d / "sub" / "data.csv").read_bytes()}
+    (d / ".sb-notes.txt").write_text("a hidden file that only looks like ours")
+    return {n: (d / n).read_bytes() for n in ("thesis.tex", "sub/data.csv", ".sb-notes.txt")}
 
 
 @pytest.mark.parametrize("what", ["ensemble", "adapter", "bank", "backbone"])
@@ -237,7 +238,7 @@ def test_a_save_keeps_every_file_it_did_not_write(tmp_path, what):
         else:
             save_backbone(bank.frozen, d)
     assert {k: (d / k).read_bytes() for k in mine} == mine
-    assert not _no_leftovers(d)
+    assert [p.name for p in d.rglob(".sb-*")] == [".sb-notes.txt"]
 
 
 def test_saving_into_the_current_folder(tmp_path, monkeypatch):
