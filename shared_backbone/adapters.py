@@ -2,18 +2,33 @@
 
 A task owns a slice (any :class:`~shared_backbone.slices.SliceSpec`; its own classifier head is
 always learned), its BatchNorm statistics (every BN layer: a task's inputs differ from every other
-task's, so no running statistic is shared) and its task card. The verbs and files follow PEFT
-(``add_adapter``/``set_adapter``/``delete_adapter``/``save_pretrained``/``load_adapter``), plus
-what PEFT lacks: the backbone's recipe and fingerprint, and the BN statistics per task.
+task's, so no running statistic is shared) and its task card. The files and verbs follow PEFT,
+plus what PEFT lacks: the backbone's recipe and fingerprint, and the BN statistics per task.
 
-On disk::
+=========================================  ==============================================
+this library                               PEFT's name (an alias here)
+=========================================  ==============================================
+``bank.add_task(name, spec, task)``        ``add_adapter(adapter_name, ...)``
+``bank.set_active(name)``, ``bank.active``  ``set_adapter(adapter_name)``, ``active_adapter``
+``bank.delete_task(name)``                 ``delete_adapter(adapter_name)``
+``bank.save_adapter(name, dir)``           ``save_pretrained(dir, selected_adapters=[name])``
+``bank.save(dir)``                         ``save_pretrained(dir)`` (several tasks)
+``bank.load_adapter(dir, name, trainable)``  ``load_adapter(dir, adapter_name, is_trainable)``
+``AdapterBank.load(dir, trainable=...)``   ``AdapterBank.from_pretrained(dir, is_trainable=...)``
+=========================================  ==============================================
+
+On disk (each JSON below is its folder's manifest, written last: it lists the other files with
+their sizes and sha256, and a loader trusts nothing else; see :mod:`shared_backbone.io`)::
 
     bank/                              # AdapterBank.save(dir) / AdapterBank.load(dir)
-        adapter_bank.json              # task names, the active task, format version
+        adapter_bank.json              # the bank's manifest: task names, the active task, fingerprint
         backbone.json                  # the backbone recipe, once (+ backbone.safetensors if trained)
         mnist5k/adapter_config.json    # spec, classes, task card, backbone recipe + fingerprint, version
         mnist5k/adapter_model.safetensors  # "slice/<param>" and "stats/<buffer>" tensors; header: fingerprint
         digits/...
+
+A bank is one artifact (a save commits every task at once; unchanged tasks' files are not
+rewritten); every task folder also loads on its own (``AdapterBank.load(bank / "mnist5k")``).
 
 A mixed batch (``bank(x, tasks=[...])``, one task name per sample) runs as one ``vmap`` over the
 tasks present: samples are gathered per task into a padded ``(T, n_max, ...)`` batch, the frozen
@@ -25,6 +40,7 @@ class count and the padded logits are ``-inf``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 from dataclasses import asdict
 from pathlib import Path
@@ -38,16 +54,16 @@ from ._split import merge_param
 from .data import TaskCard, load_task
 from .ensemble import MemberStack
 from .frozen import FingerprintMismatch, FrozenBackbone
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ._adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BANK_CONFIG, _adapter_files, _backbone_for_adapter,
+                             _config_bytes, _untrusted_card, adapter_bytes, check_backbone, read_adapter_config)
+from .io import (ArtifactConflict, header_shapes, manifest_bytes, read_artifact, read_config, tensors_from_bytes,
+                 write_artifact)
+from .schema import FORMAT_VERSION, AdapterConfig, BackboneRecipe, BankConfig, check_name, safe_text
 from .slices import Head, SliceLayout, SliceSpec, resolve, spec_from_dict
 
 __all__ = ["AdapterBank", "TaskAdapter", "adapter_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FORMAT_VERSION"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BANK_CONFIG = "adapter_bank.json"
-ADAPTER_FORMAT_VERSION = 1
-_REQUIRED = ("task", "spec", "num_classes", "backbone", "library_version")
+ADAPTER_FORMAT_VERSION = FORMAT_VERSION  # one format_version policy for every file (shared_backbone.schema)
 
 
 # ------------------------------------------------------------------------------------- heads
@@ -211,8 +227,7 @@ class AdapterBank(nn.Module):
         return adapter
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or "." in name or "/" in name or name != name.strip():
-            raise ValueError(f"task name must be a non-empty string without '.' or '/', got {name!r}")
+        check_name(name)
         if name in self:
             raise ValueError(f"task {name!r} is already in the bank; delete_task({name!r}) first or pick another name")
 
@@ -234,6 +249,24 @@ class AdapterBank(nn.Module):
         if self.active == name:
             self.active = self.task_names[0] if len(self) else None
         self._mixed = None
+
+    # PEFT's names for the same verbs
+    def add_adapter(self, adapter_name: str, spec: SliceSpec, task: TaskCard | str | None = None, **kw) -> TaskAdapter:
+        """PEFT's name for :meth:`add_task`."""
+        return self.add_task(adapter_name, spec, task, **kw)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """PEFT's name for :meth:`set_active`."""
+        self.set_active(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's name for :meth:`delete_task`."""
+        self.delete_task(adapter_name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """PEFT's name for :attr:`active`."""
+        return self.active
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task: str | None = None, *,
@@ -319,154 +352,163 @@ class AdapterBank(nn.Module):
         self._mixed = (key, stack, widths)
         return stack, widths
 
-    # -- saving -------------------------------------------------------------------------------
-    def save_adapter(self, name: str, directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one task, atomically."""
+    # -- saving (PEFT's verbs; see the module docstring for the files and guarantees) --------------
+    def save_adapter(self, name: str, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``adapter_config.json`` (the manifest, last) + ``adapter_model.safetensors`` for one task.
+
+        Only these two names are written in ``directory``; another kind of artifact there is refused
+        unless ``overwrite``; NaN or infinite weights are refused.
+        """
         a = self.adapter(self._resolve_name(name))
-        directory = Path(directory)
-        fp = self.frozen.fingerprint
-        tensors = {f"slice/{n}": t for n, t in a.slice_of(0).items()}
-        tensors.update({f"stats/{n}": t for n, t in a.stats_of(0).items()})
-        with atomic_dir(directory) as tmp:
-            write_json(tmp / ADAPTER_CONFIG, a.config(self.frozen))
-            save_tensors(tmp / ADAPTER_WEIGHTS, tensors, {
-                "fingerprint": fp, "task": a.name, "spec": repr(a.spec), "num_classes": a.num_classes,
-                "format_version": ADAPTER_FORMAT_VERSION,
-            })
-        return directory
+        config, weights = _adapter_files(a, self.frozen)
+        write_artifact(directory, ADAPTER_CONFIG, config, {ADAPTER_WEIGHTS: weights}, overwrite=overwrite)
+        return Path(directory)
 
-    def load_adapter(self, directory: str | Path, name: str | None = None, trainable: bool = False) -> TaskAdapter:
-        """Load an adapter saved by :meth:`save_adapter` as task ``name`` (default: its saved name).
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None, *,
+                        overwrite: bool = False) -> Path:
+        """PEFT's verb: one task as an adapter folder (:meth:`save_adapter`), several as a bank (:meth:`save`)."""
+        names = list(selected_adapters) if selected_adapters is not None else self.task_names
+        if len(names) == 1:
+            return self.save_adapter(names[0], save_directory, overwrite=overwrite)
+        return self.save(save_directory, overwrite=overwrite, tasks=names)
 
-        Checks the format version, the fields, the backbone (architecture and fingerprint), the
-        file's header and every tensor's name and shape. ``trainable`` makes its slice require grad.
+    def load_adapter(self, directory: str | Path, name: str | None = None, trainable: bool = False, *,
+                     is_trainable: bool | None = None, adapter_name: str | None = None) -> TaskAdapter:
+        """Load an adapter saved by :meth:`save_adapter` as task ``name`` (PEFT: ``adapter_name``; default:
+        its saved name).
+
+        Checks the manifest (sizes, sha256), the schema (types, bounds), the backbone (architecture and
+        fingerprint), the file's header and every tensor's name, shape and dtype before building
+        anything. ``trainable`` (PEFT: ``is_trainable``) makes its slice require grad.
         """
         directory = Path(directory)
-        config = read_adapter_config(directory)
-        check_backbone(self.frozen, config["backbone"], what=f"the adapter in {directory}")
-        name = config["task"] if name is None else name
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no adapter directory at {directory}")
+        name = adapter_name if adapter_name is not None else name
+        trainable = is_trainable if is_trainable is not None else trainable
+        config, files = read_artifact(directory, ADAPTER_CONFIG, AdapterConfig.from_dict)
+        if ADAPTER_WEIGHTS not in files or len(files) != 1:
+            raise ValueError(f"{directory / ADAPTER_CONFIG} must list exactly {ADAPTER_WEIGHTS}, lists "
+                             f"{sorted(files)[:4]}")
+        return self._load_checked(directory, config, files[ADAPTER_WEIGHTS], name, trainable)
+
+    def _load_checked(self, directory: Path, config: AdapterConfig, weights: bytes, name: str | None,
+                      trainable: bool) -> TaskAdapter:
+        where = str(directory / ADAPTER_WEIGHTS)
+        check_backbone(self.frozen, config.backbone, what=f"the adapter in {directory}")
+        name = config.task if name is None else name
         self._check_new_name(name)
-        card = TaskCard.from_dict(config["task_card"], origin=str(directory / ADAPTER_CONFIG)) \
-            if config.get("task_card") else None
+        card = _untrusted_card(config.task_card, str(directory / ADAPTER_CONFIG)) if config.task_card else None
         try:
-            spec = spec_from_dict(config["spec"])
-        except (TypeError, KeyError) as err:
-            raise ValueError(f"{directory / ADAPTER_CONFIG} has an unreadable spec {config['spec']!r}: {err}") from err
-        tensors, header = load_tensors(directory / ADAPTER_WEIGHTS)
-        self.frozen.check_fingerprint(header.get("fingerprint", "<none>"), what=str(directory / ADAPTER_WEIGHTS))
-        adapter = TaskAdapter(self.frozen, spec, int(config["num_classes"]), name=name, card=card,
-                              seed=int(config.get("seed", 0)))
-        slices = {n[6:]: t for n, t in tensors.items() if n.startswith("slice/")}
-        stats = {n[6:]: t for n, t in tensors.items() if n.startswith("stats/")}
-        want_stats = set(adapter.stats_of(0))
-        other = sorted(n for n in tensors if not n.startswith(("slice/", "stats/")))
-        if set(slices) != set(adapter.layout) or set(stats) != want_stats or other:
-            raise ValueError(
-                f"{directory / ADAPTER_WEIGHTS} does not hold the tensors of {spec!r}: missing "
-                f"{sorted((set(adapter.layout) - set(slices)) | (want_stats - set(stats)))[:4]}, unexpected "
-                f"{sorted((set(slices) - set(adapter.layout)) | (set(stats) - want_stats))[:4] + other[:4]}"
-            )
-        own = adapter.stats_of(0)
-        for n, t in stats.items():
-            if own[n].shape != t.shape:
-                raise ValueError(f"{directory / ADAPTER_WEIGHTS}: statistic {n!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(own[n].shape)}")
-        try:
-            adapter.set_member(0, slices, stats)
-        except ValueError as err:
-            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {err}") from err
+            spec = spec_from_dict(config.spec)
+        except (TypeError, KeyError, ValueError) as err:
+            raise ValueError(f"{directory / ADAPTER_CONFIG} has an unreadable spec: {safe_text(err, 200)}") from None
+        head, linear = _classifier(self.frozen.backbone)
+        shapes = header_shapes(weights, where)
+        got = shapes.get(f"slice/{head}.weight", (None,))[0]
+        if got != (config.num_classes, linear.in_features):  # before a head of num_classes rows is built
+            raise ValueError(f"{where}: the head {head}.weight has shape {got}, but the config says "
+                             f"num_classes={config.num_classes} ({(config.num_classes, linear.in_features)})")
+        adapter = TaskAdapter(self.frozen, spec, config.num_classes, name=name, card=card, seed=config.seed)
+        expect = {f"slice/{n}": (t.shape, t.dtype) for n, t in adapter.slice_of(0).items()}
+        expect.update({f"stats/{n}": (t.shape, t.dtype) for n, t in adapter.stats_of(0).items()})
+        tensors, header = tensors_from_bytes(weights, where, expect)
+        self.frozen.check_fingerprint(header.get("fingerprint", "<none>"), what=where)
+        with torch.no_grad():
+            adapter.set_member(0, {n[6:]: t for n, t in tensors.items() if n.startswith("slice/")},
+                               {n[6:]: t for n, t in tensors.items() if n.startswith("stats/")})
         for p in adapter.parameters():
             p.requires_grad_(trainable)
         self._insert(name, adapter)
         adapter.train(trainable and self.training)  # a frozen adapter serves in eval mode
         return adapter
 
-    def save(self, directory: str | Path) -> Path:
-        """The whole bank: the backbone once, then one adapter folder per task (see the module docstring)."""
-        from .saving import save_backbone
+    def save(self, directory: str | Path, *, overwrite: bool = False, tasks: Sequence[str] | None = None) -> Path:
+        """The whole bank as one artifact: ``adapter_bank.json`` (the manifest, last), the backbone once,
+        one adapter folder per task. Files of unchanged tasks are not rewritten.
+
+        A bank (or ``backbone.json``) on another backbone already there is refused, naming both
+        fingerprints, unless ``overwrite``. ``tasks`` saves those tasks only (default: every task).
+        """
+        from .saving import backbone_files
+
+        names = [self._resolve_name(t) for t in tasks] if tasks is not None else self.task_names
+        if not names:
+            raise ValueError("the bank has no task to save; add_task() first")
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_backbone(self.frozen, directory)
-        for name in self.task_names:
-            self.save_adapter(name, directory / name)
-        write_json(directory / BANK_CONFIG, {"format_version": ADAPTER_FORMAT_VERSION, "tasks": self.task_names,
-                                             "active": self.active, "fingerprint": self.frozen.fingerprint})
+        fp = self.frozen.fingerprint
+        there = directory / "backbone.json"
+        if there.is_file() and not overwrite and not (directory / BANK_CONFIG).is_file():
+            theirs = read_config(there).get("fingerprint")
+            if theirs != fp:
+                raise ArtifactConflict(f"{there} is backbone fingerprint {safe_text(theirs)!r}, this bank's is "
+                                       f"{fp!r}; the adapters beside it would no longer load; save elsewhere "
+                                       "or pass overwrite=True")
+        bb = backbone_files(self.frozen)
+        files = {"backbone.json": manifest_bytes({**self.frozen.recipe, "kind": "backbone"}, bb), **bb}
+        for name in names:
+            config, weights = _adapter_files(self.adapter(name), self.frozen)
+            files[f"{name}/{ADAPTER_CONFIG}"] = manifest_bytes(config, {ADAPTER_WEIGHTS: weights})
+            files[f"{name}/{ADAPTER_WEIGHTS}"] = weights
+        write_artifact(directory, BANK_CONFIG, {"format_version": FORMAT_VERSION, "kind": "adapter_bank",
+                                                "tasks": names, "fingerprint": fp,
+                                                "active": self.active if self.active in names else names[0]},
+                       files, overwrite=overwrite, same_fingerprint=True)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, trainable: bool = False) -> "AdapterBank":
+    def load(cls, directory: str | Path, *, trainable: bool = False, is_trainable: bool | None = None
+             ) -> "AdapterBank":
         """A bank saved by :meth:`save`, or one adapter folder (its backbone beside it or from its recipe).
 
-        The bank comes back in eval mode, or in train mode with slices requiring grad when ``trainable``.
+        The bank comes back in eval mode, or in train mode with slices requiring grad when ``trainable``
+        (PEFT: ``is_trainable``). Every file is checked as :meth:`load_adapter` describes.
         """
         directory = Path(directory)
+        trainable = is_trainable if is_trainable is not None else trainable
         if (directory / ADAPTER_CONFIG).is_file():
             bank = cls(_backbone_for_adapter(directory))
             bank.load_adapter(directory, trainable=trainable)
             return bank.train(trainable)
         if not (directory / BANK_CONFIG).is_file():
             raise FileNotFoundError(f"no adapter bank at {directory} ({BANK_CONFIG} or {ADAPTER_CONFIG} missing)")
-        from .saving import load_backbone
+        from .saving import _frozen_from
 
-        meta = read_json(directory / BANK_CONFIG)
-        if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
-            raise ValueError(f"{directory / BANK_CONFIG} has format_version {meta['format_version']}; this library "
-                             f"reads up to {ADAPTER_FORMAT_VERSION}; upgrade shared_backbone")
-        if "tasks" not in meta:
-            raise ValueError(f"{directory / BANK_CONFIG} is missing the field 'tasks'")
-        bank = cls(load_backbone(directory))
-        for name in meta["tasks"]:
-            bank.load_adapter(directory / name, name=name, trainable=trainable)
-        if meta.get("active") in bank:
-            bank.set_active(meta["active"])
+        meta, files = read_artifact(directory, BANK_CONFIG, BankConfig.from_dict)
+        if "backbone.json" not in files:
+            raise ValueError(f"{directory / BANK_CONFIG} lists no backbone.json")
+        recipe = _config_bytes(files["backbone.json"], directory / "backbone.json")
+        frozen = _frozen_from(BackboneRecipe.from_dict(recipe, str(directory / "backbone.json")), recipe, files,
+                              directory / "backbone.json")
+        if frozen.fingerprint != meta.fingerprint:
+            raise FingerprintMismatch(f"{directory / BANK_CONFIG} is for backbone {meta.fingerprint!r}, its "
+                                      f"backbone.json is {frozen.fingerprint!r}")
+        bank = cls(frozen)
+        for name in meta.tasks:  # names checked by the schema: plain folder names inside the bank
+            cfg_file, w_file = f"{name}/{ADAPTER_CONFIG}", f"{name}/{ADAPTER_WEIGHTS}"
+            if cfg_file not in files or w_file not in files:
+                raise ValueError(f"{directory / BANK_CONFIG} lists task {name!r} but not its files")
+            where = directory / cfg_file
+            config = AdapterConfig.from_dict(_config_bytes(files[cfg_file], where), str(where))
+            entry = config.files.get(ADAPTER_WEIGHTS)
+            if entry is None or entry.sha256 != hashlib.sha256(files[w_file]).hexdigest():
+                raise ValueError(f"{where} does not describe {directory / w_file}")
+            bank._load_checked(directory / name, config, files[w_file], name, trainable)
+        if meta.active is not None:
+            bank.set_active(meta.active)
         return bank.train(trainable)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, is_trainable: bool = False) -> "AdapterBank":
+        """PEFT's name for :meth:`load`."""
+        return cls.load(directory, trainable=is_trainable)
 
     def extra_repr(self) -> str:
         return f"backbone={self.frozen!r}, tasks={self.task_names}, active={self.active!r}"
 
 
 # ------------------------------------------------------------------------------------- helpers
-def read_adapter_config(directory: Path) -> dict:
-    """``adapter_config.json`` checked for its format version and required fields."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no adapter directory at {directory}")
-    config = read_json(directory / ADAPTER_CONFIG)
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"{directory / ADAPTER_CONFIG} is missing the field 'format_version'")
-    if version > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{directory / ADAPTER_CONFIG} has format_version {version}; this library reads up to "
-                         f"{ADAPTER_FORMAT_VERSION}; upgrade shared_backbone")
-    for key in _REQUIRED:
-        if key not in config:
-            raise ValueError(f"{directory / ADAPTER_CONFIG} is missing the field {key!r}")
-    for key in ("arch", "config", "fingerprint"):
-        if key not in config["backbone"]:
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: backbone is missing the field {key!r}")
-    return config
-
-
-def check_backbone(frozen: FrozenBackbone, recipe: dict, what: str) -> None:
-    """Raise :class:`FingerprintMismatch` naming the difference if ``recipe`` is not ``frozen``'s."""
-    mine = frozen.recipe
-    if (recipe["arch"], recipe["config"]) != (mine["arch"], mine["config"]):
-        raise FingerprintMismatch(
-            f"{what} was made for another architecture: {recipe['arch']} {recipe['config']}, but this bank's "
-            f"backbone is {mine['arch']} {mine['config']}"
-        )
-    frozen.check_fingerprint(recipe["fingerprint"], what=what)
-
-
-def _backbone_for_adapter(directory: Path) -> FrozenBackbone:
-    from .saving import load_backbone
-
-    for d in (directory, directory.parent):
-        if (d / "backbone.json").is_file():
-            return load_backbone(d)
-    return FrozenBackbone.from_recipe(read_adapter_config(directory)["backbone"])
-
-
 @torch.no_grad()
 def _union_slice(a: TaskAdapter, layout: SliceLayout, view: _HeadView, c_max: int) -> dict[str, torch.Tensor]:
     """Task ``a``'s tensors for the union ``layout``: its own where it learns, frozen values elsewhere."""
@@ -505,10 +547,3 @@ def _members_forward(stack: MemberStack, idx: torch.Tensor, h: torch.Tensor) -> 
         return vmap(stack._member_forward, in_dims=(0, 0, 0))(slices, stats, h)
     finally:
         stack._fixed_cache = {}
-
-
-def adapter_bytes(directory: str | Path) -> int:
-    """Bytes of one adapter on disk (config + safetensors)."""
-    directory = Path(directory)
-    return sum(f.stat().st_size for f in (directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS) if f.is_file())
-

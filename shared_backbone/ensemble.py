@@ -95,6 +95,7 @@ class MemberStack(nn.Module):
                 fixed[template_key(name, sl, "fixed")] = t.detach().narrow(sl.dim, sl.n, t.shape[sl.dim] - sl.n)
         self.fixed = _Tensors(fixed, persistent=False)
         self.shared_stats = _Tensors(shared_stats, persistent=True)
+        _check_stack_size(members, [_rows(params[n], sl) for n, sl in layout.items()], list(member_stats.values()))
         self.member_stats = _Tensors(
             {n: t.unsqueeze(0).repeat(members, *[1] * t.dim()) for n, t in member_stats.items()}, persistent=True
         )
@@ -238,6 +239,17 @@ class MemberStack(nn.Module):
         per_member = x.dim() == 5
         h = x if per_member else self.prefix(x)
         return self.forward_members(h, vectorized=vectorized, per_member=per_member)
+
+
+def _check_stack_size(members: int, slices: list[torch.Tensor], stats: list[torch.Tensor]) -> None:
+    """Refuse K members whose slices and statistics would pass ``LIMITS`` before allocating them."""
+    from .schema import LIMITS
+
+    per_member = sum(t.numel() for t in slices) + sum(t.numel() for t in stats)
+    if members > LIMITS.max_members or members * per_member > LIMITS.max_parameters:
+        raise ValueError(f"members={members:,} x {per_member:,} learned values and statistics each is past the "
+                         f"limits (K <= {LIMITS.max_members:,}, K x slice <= {LIMITS.max_parameters:,}); raise "
+                         "shared_backbone.schema.LIMITS to build it on purpose")
 
 
 def _rows(t: torch.Tensor, sl) -> torch.Tensor:

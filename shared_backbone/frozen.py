@@ -18,7 +18,7 @@ from .backbones import Backbone, build_backbone
 
 __all__ = ["FrozenBackbone", "INIT_SCHEMES", "init_module", "fingerprint_tensors", "FingerprintMismatch"]
 
-FORMAT_VERSION = 1
+from .schema import FORMAT_VERSION  # noqa: E402  (one policy for every file)
 
 
 class FingerprintMismatch(ValueError):
@@ -120,6 +120,12 @@ class FrozenBackbone:
             from .io import load_tensors
 
             state, _ = load_tensors(checkpoint)
+        own = {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}
+        for n, t in dict(state).items():
+            if n in own and (tuple(t.shape) != tuple(own[n].shape) or t.dtype != own[n].dtype):
+                raise ValueError(f"checkpoint tensor {n!r} is {t.dtype} {tuple(t.shape)}, but "
+                                 f"{getattr(backbone, 'arch', 'the backbone')} has {own[n].dtype} "
+                                 f"{tuple(own[n].shape)} (no silent casts)")
         missing, unexpected = backbone.load_state_dict(dict(state), strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -135,18 +141,20 @@ class FrozenBackbone:
 
     @classmethod
     def from_recipe(cls, recipe: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> "FrozenBackbone":
-        """Rebuild from :attr:`recipe`; checkpoint-based recipes also need their ``tensors``."""
-        for key in ("arch", "config", "fingerprint", "source"):
-            if key not in recipe:
-                raise ValueError(f"backbone recipe is missing the field {key!r}; has {sorted(recipe)}")
-        if recipe.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(
-                f"backbone recipe has format_version {recipe['format_version']}, this library reads "
-                f"up to {FORMAT_VERSION}; upgrade shared_backbone"
-            )
-        bb = build_backbone(recipe["arch"], **recipe["config"])
-        if recipe["source"] == "random":
-            frozen = cls(bb, seed=int(recipe["seed"]), init=recipe["init"])
+        """Rebuild from :attr:`recipe`; checkpoint-based recipes also need their ``tensors``.
+
+        The recipe is checked against :class:`~shared_backbone.schema.BackboneRecipe` (types, bounds) and
+        the model's estimated size against ``LIMITS.max_parameters`` before anything is built.
+        """
+        from .schema import BackboneRecipe
+
+        r = BackboneRecipe.from_dict(recipe, "the backbone recipe")
+        try:
+            bb = build_backbone(r.arch, **r.config)
+        except TypeError as err:
+            raise ValueError(f"the backbone recipe does not build {r.arch!r}: {err}") from None
+        if r.source == "random":
+            frozen = cls(bb, seed=r.seed, init=r.init)
         else:
             if tensors is None:
                 raise ValueError(
@@ -154,7 +162,7 @@ class FrozenBackbone:
                     "recipe; load it with its saved tensors (backbone.safetensors)"
                 )
             frozen = cls.from_checkpoint(bb, tensors)
-        frozen.check_fingerprint(recipe["fingerprint"], what="the backbone recipe")
+        frozen.check_fingerprint(r.fingerprint, what="the backbone recipe")
         return frozen
 
     # -- views ----------------------------------------------------------------------------

@@ -444,20 +444,35 @@ def save_sparse(path: str | Path, tensors: Mapping[str, torch.Tensor] | nn.Modul
 
 
 def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file of :func:`save_sparse`: ``(dense state dict, meta)``."""
+    """Read a file of :func:`save_sparse`: ``(dense state dict, meta)``.
+
+    Every recorded shape is checked against its mask and values on disk before a dense tensor is
+    allocated: a header cannot make this allocate more than the file's own bits describe.
+    """
     from .io import load_tensors
+    from .schema import safe_text
 
     raw, meta = load_tensors(path)
     shapes = meta.pop("sparse_shapes", {})
+    if not isinstance(shapes, dict):
+        raise ValueError(f"{path}: sparse_shapes must be an object of name -> shape, got {type(shapes).__name__}")
     state = {n: t for n, t in raw.items() if not n.endswith((_MASK, _VALUES))}
     for name, shape in shapes.items():
         if name + _MASK not in raw or name + _VALUES not in raw:
-            raise ValueError(f"{path}: sparse tensor {name!r} lacks its mask or values")
+            raise ValueError(f"{path}: sparse tensor {safe_text(name)!r} lacks its mask or values")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: sparse tensor {safe_text(name)!r} has shape {safe_text(shape)}; "
+                             "accepted: a list of at most 8 integers >= 0")
         n = math.prod(shape)
-        mask = torch.from_numpy(np.unpackbits(raw[name + _MASK].numpy(), count=n).astype(bool))
-        values = raw[name + _VALUES]
-        if int(mask.sum()) != values.numel():
-            raise ValueError(f"{path}: sparse tensor {name!r} has {int(mask.sum())} set bits but {values.numel()} values")
+        packed, values = raw[name + _MASK], raw[name + _VALUES]
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+            raise ValueError(f"{path}: sparse tensor {safe_text(name)!r} has shape {shape} ({n:,} entries) but its "
+                             f"mask holds {packed.numel() * 8:,} bits; the file is corrupt")
+        mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
+        if int(mask.sum()) != values.numel() or values.dim() != 1:
+            raise ValueError(f"{path}: sparse tensor {safe_text(name)!r} has {int(mask.sum())} set bits but "
+                             f"{values.numel()} values")
         dense = torch.zeros(n, dtype=values.dtype)
         dense[mask] = values
         state[name] = dense.view(shape)

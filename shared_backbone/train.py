@@ -16,14 +16,22 @@ from tqdm.auto import tqdm
 
 from .data import TensorData
 from .ensemble import MemberStack
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import header_shapes, read_artifact, tensors_from_bytes, tensors_to_bytes, write_artifact, write_json
+from .schema import FORMAT_VERSION, CheckpointState
 from .lc import l1_penalty, pointwise_weights
 
-__all__ = ["TrainConfig", "fit", "predict", "predict_sharded", "recalibrate_bn", "NonFiniteLoss"]
+__all__ = ["TrainConfig", "fit", "predict", "predict_sharded", "recalibrate_bn", "NonFiniteLoss", "ResumeMismatch",
+           "RESUMABLE_CHANGES"]
+
+RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "precise_bn")  # recipe fields --resume lets change
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite."""
+    """The loss, or a learned weight after a step, became NaN or infinite."""
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint was made by another run (backbone, spec, members, seed or recipe differ)."""
 
 
 @dataclass
@@ -67,6 +75,11 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.max_steps_per_epoch is not None and (not isinstance(self.max_steps_per_epoch, int)
+                                                     or isinstance(self.max_steps_per_epoch, bool)
+                                                     or self.max_steps_per_epoch < 1):
+            raise ValueError(f"max_steps_per_epoch must be a positive integer or None (no cap), "
+                             f"got {self.max_steps_per_epoch!r}")
         if not (isinstance(self.l1_pointwise, (int, float)) and math.isfinite(self.l1_pointwise)
                 and self.l1_pointwise >= 0):
             raise ValueError(f"l1_pointwise must be a finite number >= 0 (0 = off), got {self.l1_pointwise!r}")
@@ -183,27 +196,83 @@ def _full_state(accelerator, full: MemberStack, local: MemberStack, opt, params,
     return tensors
 
 
-def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], position: dict, cfg: TrainConfig) -> None:
-    """Atomically: slices, statistics and optimizer momenta as safetensors, the position as JSON."""
-    save_tensors(path / "state.safetensors", tensors)
-    write_json(path / "state.json", {**position, "config": asdict(cfg)})
+CHECKPOINT_STATE = "state.json"  # the checkpoint's manifest: position, identity, recipe, history, file hashes
+CHECKPOINT_TENSORS = "state.safetensors"
 
 
-def _load_checkpoint(path: Path, local: MemberStack, opt: torch.optim.Optimizer, params, ids: list[int] | None) -> dict:
-    """Load a whole-stack checkpoint into ``local`` (its members ``ids`` only, when split)."""
-    meta = read_json(path / "state.json")
-    tensors, _ = load_tensors(path / "state.safetensors")
-    state = {}
+def _identity(full: MemberStack) -> dict:
+    """What a checkpoint continues: the backbone, the spec, the members (checked on resume)."""
+    spec = getattr(full, "spec", None)
+    return {"fingerprint": full.frozen_ref, "spec": repr(spec) if spec is not None else repr(sorted(full.layout)),
+            "members": full.members, "member_ids": list(full.member_ids), "data": full.data}
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], position: dict, cfg: TrainConfig,
+                     identity: dict, history: list) -> None:
+    """One artifact: ``state.safetensors`` (slices, statistics, momenta) then ``state.json`` (its manifest)."""
+    data = tensors_to_bytes(tensors, finite="a checkpoint")
+    write_artifact(path, CHECKPOINT_STATE, {"format_version": FORMAT_VERSION, "kind": "checkpoint", **position,
+                                            **identity, "config": asdict(cfg), "history": history},
+                   {CHECKPOINT_TENSORS: data})
+
+
+def _check_resume(state: CheckpointState, raw: dict, identity: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse a checkpoint of another run, naming every difference and what may change."""
+    diffs = [f"{k}: checkpoint {raw.get(k)!r}, now {v!r}" for k, v in identity.items() if raw.get(k) != v]
+    now = asdict(cfg)
+    for k, v in now.items():
+        if k not in RESUMABLE_CHANGES and state.config.get(k, v) != v:
+            diffs.append(f"{k}: checkpoint {state.config.get(k)!r}, now {v!r}")
+    unknown = sorted(set(state.config) - set(now))
+    if unknown:
+        diffs.append(f"recipe fields this library does not know: {unknown[:4]}")
+    if state.epoch > cfg.epochs:
+        diffs.append(f"epochs: the checkpoint is at epoch {state.epoch}, past the {cfg.epochs} asked for")
+    if diffs:
+        raise ResumeMismatch(f"cannot resume from {path}: it was made by another run; " + "; ".join(diffs) +
+                             f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume (epochs to train "
+                             "longer); start in a new output folder to train anything else")
+
+
+def _load_checkpoint(path: Path, full: MemberStack, local: MemberStack, opt: torch.optim.Optimizer, params,
+                     ids: list[int] | None, cfg: TrainConfig, steps: int) -> CheckpointState:
+    """Verify the checkpoint (manifest, identity, recipe, every tensor) and load it into ``local``
+    (its members ``ids`` only, when split)."""
+    state, files = read_artifact(path, CHECKPOINT_STATE, CheckpointState.from_dict)
+    from .io import read_config
+
+    _check_resume(state, read_config(path / CHECKPOINT_STATE), _identity(full), cfg, path)
+    if state.step != state.epoch * steps + state.step_in_epoch or state.step_in_epoch >= steps:
+        raise ResumeMismatch(f"{path / CHECKPOINT_STATE}: position epoch {state.epoch}, step {state.step_in_epoch} "
+                             f"of the epoch, step {state.step} overall does not fit {steps} steps per epoch")
+    where = str(path / CHECKPOINT_TENSORS)
+    if CHECKPOINT_TENSORS not in files:
+        raise ValueError(f"{path / CHECKPOINT_STATE} lists no {CHECKPOINT_TENSORS}")
+    raw = files[CHECKPOINT_TENSORS]
+    want = {f"model/{k}": (tuple(v.shape), v.dtype) for k, v in full.state_dict().items()}
+    k_full = full.members
+    for i, p in enumerate(params):  # momenta: the whole stack's shape
+        shape = (k_full, *p.shape[1:]) if ids is not None else tuple(p.shape)
+        want[f"optim/{i}/momentum_buffer"] = (shape, p.dtype)
+    have = header_shapes(raw, where)
+    missing = sorted(k for k in want if k.startswith("model/") and k not in have)
+    extra = sorted(set(have) - set(want))
+    bad = [f"{k} {have[k]} (expected {want[k]})" for k in have if k in want and have[k] != want[k]]
+    if missing or extra or bad:
+        raise ValueError(f"{where} does not hold this model's state: missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"wrong shape or dtype {bad[:3]}")
+    tensors, _ = tensors_from_bytes(raw, where)
+    model_state = {}
     for k, v in tensors.items():
         if k.startswith("model/"):
             k = k[len("model/"):]
-            state[k] = v[ids] if ids is not None and k.startswith(("slices.", "member_stats.")) else v
-    local.load_state_dict(state)
+            model_state[k] = v[ids] if ids is not None and k.startswith(("slices.", "member_stats.")) else v
+    local.load_state_dict(model_state)
     for i, p in enumerate(params):
         m = tensors.get(f"optim/{i}/momentum_buffer")
         if m is not None:
             opt.state[p]["momentum_buffer"] = (m[ids] if ids is not None else m).to(p.device).clone()
-    return meta
+    return state
 
 
 def _eval_loader(accelerator, data: TensorData, batch_size: int):
@@ -275,19 +344,20 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     params = [p for p in local.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
+    if len(train) == 0:
+        raise ValueError("the training set is empty: nothing to train on (check the task's split and subset sizes)")
     steps = _steps_per_epoch(len(train), cfg)
     total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = Path(out_dir) / "checkpoint" if out_dir else None
     position = {"epoch": 0, "step_in_epoch": 0, "step": 0}
     history: list = []
-    if resume and ckpt and (ckpt / "state.json").exists():
-        meta = _load_checkpoint(ckpt, local, opt, params, ids)
-        position = {"epoch": int(meta["epoch"]), "step_in_epoch": int(meta.get("step_in_epoch", 0)),
-                    "partial": meta.get("epoch_partial", [0.0, 0.0, 0.0]),
-                    "step": int(meta["step"])}
-        history = read_json(Path(out_dir) / "history.json") if (Path(out_dir) / "history.json").exists() else []
-        history = [h for h in history if h["epoch"] <= position["epoch"]]
+    identity = _identity(full)
+    if resume and ckpt and (ckpt / CHECKPOINT_STATE).exists():
+        meta = _load_checkpoint(ckpt, full, local, opt, params, ids, cfg, steps)
+        position = {"epoch": meta.epoch, "step_in_epoch": meta.step_in_epoch, "partial": meta.epoch_partial,
+                    "step": meta.step}
+        history = [h for h in meta.history if isinstance(h, dict) and h.get("epoch", 0) <= position["epoch"]]
         sched.last_epoch = position["step"] - 1
         with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
             warnings.simplefilter("ignore", UserWarning)
@@ -310,8 +380,8 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             partial = accelerator.reduce(partial, "sum")
         if main_process:
             _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                                             "epoch_partial": partial.tolist()}, cfg)
-            write_json(Path(out_dir) / "history.json", history)
+                                             "epoch_partial": partial.tolist()}, cfg, identity, history)
+            write_json(Path(out_dir) / "history.json", history)  # for people; resume reads the checkpoint's
         if not local_only:
             accelerator.wait_for_everyone()
 
@@ -352,6 +422,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
             opt.step()
             sched.step()
             step += 1
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise NonFiniteLoss(f"a learned weight became NaN or infinite after step {step} (epoch {epoch + 1}); "
+                                    f"lower lr (now {cfg.lr})")
             n = y.shape[-1]
             # sums over (member, sample) pairs, so that the sums of all processes make the mean over every
             # member and sample whether members or samples are split; the data loss, without the L1 penalty
@@ -386,6 +459,9 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
 
         logits = predict_sharded(full, test, accelerator, cfg.eval_batch_size) if procs > 1 else \
             predict(full, test, cfg.eval_batch_size)
+        if not bool(torch.isfinite(logits).all()):
+            warnings.warn(f"test logits hold NaN or infinite values after training (lr {cfg.lr}): the weights are "
+                          "finite but absurd; lower the learning rate", RuntimeWarning, stacklevel=2)
         record["test"] = evaluate_ensemble(logits, test.y.cpu())
         record["_test_logits"] = logits
     return record

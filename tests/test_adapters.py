@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shared_backbone as sb
-from shared_backbone import adapters as sba
+from shared_backbone import io as sbio
 from shared_backbone.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterBank
 from shared_backbone.ensemble import MemberStack
 from shared_backbone.frozen import FingerprintMismatch
@@ -274,6 +274,18 @@ def _copy_adapter(src: Path, dst: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- bad adapter files
+def _reseal(d: Path, manifest: str = ADAPTER_CONFIG) -> None:
+    """Make the manifest list the files now on disk (a hostile but consistent adapter), so the checks
+    behind the manifest's sizes and hashes are exercised."""
+    import hashlib
+
+    cfg = json.loads((d / manifest).read_text())
+    for rel in cfg["files"]:
+        raw = (d / rel).read_bytes()
+        cfg["files"][rel] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (d / manifest).write_text(json.dumps(cfg))
+
+
 @pytest.fixture
 def saved(bank, tmp_path) -> Path:
     return bank.save_adapter("block2", tmp_path / "block2")
@@ -289,6 +301,9 @@ def test_adapter_for_another_backbone_is_refused(saved):
 def test_header_with_another_fingerprint_is_refused(bank, saved):
     tensors, meta = load_tensors(saved / ADAPTER_WEIGHTS)
     save_tensors(saved / ADAPTER_WEIGHTS, tensors, {**meta, "fingerprint": "0" * 16})
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        AdapterBank(_frozen()).load_adapter(saved)
+    _reseal(saved)
     with pytest.raises(FingerprintMismatch, match="0000000000000000"):
         AdapterBank(_frozen()).load_adapter(saved)
 
@@ -314,9 +329,11 @@ def test_safetensors_with_missing_or_misshapen_tensors_is_refused(saved):
     tensors, meta = load_tensors(saved / ADAPTER_WEIGHTS)
     name = next(n for n in tensors if n.startswith("slice/"))
     save_tensors(saved / ADAPTER_WEIGHTS, {n: t for n, t in tensors.items() if n != name}, meta)
+    _reseal(saved)
     with pytest.raises(ValueError, match="missing"):
         AdapterBank(_frozen()).load_adapter(saved)
     save_tensors(saved / ADAPTER_WEIGHTS, {**tensors, name: torch.zeros(3)}, meta)
+    _reseal(saved)
     with pytest.raises(ValueError, match="shape"):
         AdapterBank(_frozen()).load_adapter(saved)
 
@@ -350,11 +367,11 @@ def test_saving_over_an_existing_adapter_is_atomic(bank, saved, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sba, "save_tensors", boom)
+    monkeypatch.setattr(sbio, "_write_durable", boom)
     with pytest.raises(OSError, match="disk full"):
         bank.save_adapter("block2", saved)
     assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
-    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp left behind
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # nothing written beside it
     monkeypatch.undo()
     bank.save_adapter("block2", saved)
     assert (saved / ADAPTER_WEIGHTS).read_bytes() != before[ADAPTER_WEIGHTS]
@@ -437,3 +454,22 @@ def test_train_adapter_refuses_bad_task_lists(tmp_path, capsys, tasks, match):
         os.chdir(cwd)
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- PEFT's verbs
+def test_peft_verbs_and_argument_names(bank, x12, tmp_path):
+    one = bank.save_pretrained(tmp_path / "one", selected_adapters=["block2"])  # one task: an adapter folder
+    assert (one / ADAPTER_CONFIG).is_file()
+    both = bank.save_pretrained(tmp_path / "both", selected_adapters=["block2", "head"])  # several: a bank
+    other = AdapterBank.from_pretrained(both, is_trainable=True)
+    assert other.task_names == ["block2", "head"] and other.training
+    assert all(p.requires_grad for p in other.parameters())
+    fresh = AdapterBank(_frozen())
+    a = fresh.load_adapter(one, adapter_name="renamed", is_trainable=False)
+    assert fresh.task_names == ["renamed"] and not any(p.requires_grad for p in a.parameters())
+    assert torch.equal(fresh.eval()(x12, task="renamed"), bank(x12, task="block2"))
+    fresh.add_adapter("extra", sb.Head(), num_classes=3)
+    fresh.set_adapter("extra")
+    assert fresh.active_adapter == "extra" == fresh.active
+    fresh.delete_adapter("extra")
+    assert fresh.task_names == ["renamed"] and fresh.active_adapter == "renamed"

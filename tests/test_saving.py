@@ -6,6 +6,7 @@ hand-counted parameters, bytes written and read back on disk.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import shared_backbone as sb
-import shared_backbone.saving as saving
+import shared_backbone.io as sbio
 from shared_backbone.io import load_tensors, save_tensors
 from shared_backbone.saving import load_backbone, load_ensemble, save_backbone, save_ensemble
 
@@ -57,6 +58,17 @@ def ens3():
 
 def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _reseal(d: Path, manifest: str = "ensemble.json") -> None:
+    """Rewrite the manifest's sizes and hashes to match the files now on disk: a hostile but consistent
+    artifact, so the checks behind the manifest's are exercised too."""
+    meta = json.loads((d / manifest).read_text())
+    for rel in list(meta["files"]):
+        if (d / rel).exists():
+            raw = (d / rel).read_bytes()
+            meta["files"][rel] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (d / manifest).write_text(json.dumps(meta))
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -240,6 +252,9 @@ def test_member_file_with_another_fingerprint_in_its_header_raises(tmp_path, ens
     f = d / "member_001.safetensors"
     tensors, header = load_tensors(f)
     save_tensors(f, tensors, {**header, "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="member_001.safetensors does not match its manifest"):
+        load_ensemble(d)
+    _reseal(d)
     with pytest.raises(sb.FingerprintMismatch, match="member_001"):
         load_ensemble(d)
 
@@ -249,6 +264,7 @@ def test_member_file_without_a_fingerprint_raises(tmp_path, ens3):
     f = d / "member_002.safetensors"
     tensors, header = load_tensors(f)
     save_tensors(f, tensors, {k: v for k, v in header.items() if k != "fingerprint"})
+    _reseal(d)
     with pytest.raises(sb.FingerprintMismatch):
         load_ensemble(d)
 
@@ -258,6 +274,7 @@ def test_member_file_for_another_spec_raises(tmp_path, ens3):
     f = d / "member_000.safetensors"
     tensors, header = load_tensors(f)
     save_tensors(f, tensors, {**header, "spec": "Head()"})
+    _reseal(d)
     with pytest.raises(ValueError, match="spec"):
         load_ensemble(d)
 
@@ -267,6 +284,9 @@ def test_truncated_member_file_is_a_clear_error(tmp_path, ens3):
     f = d / "member_001.safetensors"
     raw = f.read_bytes()
     f.write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(ValueError, match="member_001.safetensors does not match its manifest"):
+        load_ensemble(d)
+    _reseal(d)
     with pytest.raises(ValueError, match="truncated or corrupt") as info:
         load_ensemble(d)
     assert "member_001.safetensors" in str(info.value)
@@ -276,6 +296,7 @@ def test_truncated_member_file_is_a_clear_error(tmp_path, ens3):
 def test_garbage_member_file_is_a_clear_error(tmp_path, ens3, garbage):
     d = save_ensemble(ens3, tmp_path / "ens")
     (d / "member_002.safetensors").write_bytes(garbage)
+    _reseal(d)
     with pytest.raises(ValueError, match="truncated or corrupt") as info:
         load_ensemble(d)
     assert "member_002.safetensors" in str(info.value)
@@ -284,7 +305,12 @@ def test_garbage_member_file_is_a_clear_error(tmp_path, ens3, garbage):
 def test_missing_member_file_is_a_clear_error(tmp_path, ens3):
     d = save_ensemble(ens3, tmp_path / "ens")
     (d / "member_001.safetensors").unlink()
-    with pytest.raises(ValueError, match="says K=3 members but 2 member files"):
+    with pytest.raises(FileNotFoundError, match="member_001.safetensors is missing"):
+        load_ensemble(d)
+    meta = json.loads((d / "ensemble.json").read_text())
+    del meta["files"]["member_001.safetensors"]
+    (d / "ensemble.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="says K=3 members but lists 2 member files"):
         load_ensemble(d)
 
 
@@ -322,35 +348,38 @@ def test_saving_over_an_existing_ensemble_is_atomic(tmp_path, ens3, monkeypatch)
     before = _files(target)
 
     other = sb.Ensemble(_frozen(), SPEC, members=3, seed=99)
-    real = saving.save_tensors
+    real = sbio._write_durable
     calls = []
 
-    def failing(path, tensors, meta=None):
+    def failing(path, data):
         calls.append(Path(path).name)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        return real(path, tensors, meta)
+        return real(path, data)
 
-    monkeypatch.setattr(saving, "save_tensors", failing)
+    monkeypatch.setattr(sbio, "_write_durable", failing)
     with pytest.raises(OSError, match="simulated"):
         save_ensemble(other, target)
     assert len(calls) == 2  # it did fail midway, after writing one member file
     monkeypatch.undo()
 
-    assert _files(target) == before  # untouched, byte for byte
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]  # no temp dirs or files left beside it
+    assert {n: b for n, b in _files(target).items() if not n.startswith(".sb-")} == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]  # nothing written beside it
+    save_ensemble(ens3, target)  # the next save cleans up the failed one's staged file
+    assert _files(target) == before
     loaded = load_ensemble(target)
     for n, t in ens3.slice_of(1).items():
         assert torch.equal(loaded.slice_of(1)[n], t)
 
 
-def test_successful_overwrite_replaces_the_whole_directory(tmp_path, ens3):
+def test_successful_overwrite_replaces_the_ensemble_and_keeps_other_files(tmp_path, ens3):
     target = save_ensemble(ens3, tmp_path / "ens")
-    (target / "stray.txt").write_text("left over")
+    (target / "stray.txt").write_text("the user's own file")
     small = sb.Ensemble(_frozen(), SPEC, members=2, seed=7)
     save_ensemble(small, target)
     assert sorted(p.name for p in target.iterdir()) == ["ensemble.json", "member_000.safetensors",
-                                                       "member_001.safetensors"]
+                                                       "member_001.safetensors", "stray.txt"]
+    assert (target / "stray.txt").read_text() == "the user's own file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
     loaded = load_ensemble(target)
     assert loaded.members == 2
@@ -394,6 +423,9 @@ def test_tampered_backbone_tensors_are_refused(tmp_path):
     name = next(n for n in tensors if n.endswith("weight"))
     tensors[name] = tensors[name] + 1e-3
     save_tensors(d / "backbone.safetensors", tensors, header)
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        load_backbone(d)
+    _reseal(d, "backbone.json")
     with pytest.raises(sb.FingerprintMismatch):
         load_backbone(d)
 

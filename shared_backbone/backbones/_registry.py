@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Callable
+
+import torch
 
 from ._base import Backbone
 
-__all__ = ["register_backbone", "build_backbone", "list_backbones", "backbone_config"]
+__all__ = ["register_backbone", "build_backbone", "list_backbones", "backbone_config", "estimate_parameters"]
 
 _BUILDERS: dict[str, Callable[..., Backbone]] = {}
 
@@ -59,7 +62,50 @@ def build_backbone(name: str, **cfg) -> Backbone:
             f"accepted options: {', '.join(f'{k}={v!r}' for k, v in accepted.items())}"
         )
     full = {**accepted, **cfg}
+    _check_size(name, full)
     model = fn(**full)
     model.arch = name
     model.config = full
     return model
+
+
+def _bound_options(name: str, cfg: dict) -> None:
+    from ..schema import LIMITS
+
+    for key, v in cfg.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        hi = LIMITS.max_classes if key == "num_classes" else LIMITS.max_depth if key == "depth" else \
+            LIMITS.max_int_option
+        if not v <= hi:
+            raise ValueError(f"backbone {name!r}: {key}={v!r} is beyond the limit {hi:,} "
+                             f"(shared_backbone.schema.LIMITS; raise it to build such a model on purpose)")
+
+
+def estimate_parameters(name: str, **cfg) -> int:
+    """Parameters and buffers of ``build_backbone(name, **cfg)``, counted on the ``meta`` device (no memory)."""
+    fn = _get(name)
+    full = {**backbone_config(name), **cfg}
+    _bound_options(name, full)
+    with torch.device("meta"):
+        model = fn(**full)
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def _check_size(name: str, cfg: dict) -> None:
+    """Refuse a model whose estimated size is past ``LIMITS.max_parameters``, before allocating it."""
+    from ..schema import LIMITS
+
+    _bound_options(name, cfg)
+    if torch.get_default_device().type == "meta":
+        return
+    n = estimate_parameters(name, **cfg)
+    if n > LIMITS.max_parameters:
+        raise ValueError(f"backbone {name!r} with {cfg} would hold about {n:,} parameters, past the limit "
+                         f"{LIMITS.max_parameters:,}; set shared_backbone.schema.LIMITS.max_parameters higher "
+                         "to build it on purpose")

@@ -16,7 +16,8 @@ import torch
 
 from ..adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
 from ..data import TensorData
-from ..io import read_json, write_json
+from ..io import read_config, write_json
+from ..schema import BankConfig, safe_text
 from ..train import predict
 from ._args import add_runtime
 
@@ -33,10 +34,11 @@ def _adapter_dirs(paths: list[str]) -> list[Path]:
                 continue
         if (p / ADAPTER_CONFIG).is_file():
             out.append(p)
-        elif (p / BANK_CONFIG).is_file():
-            out += [p / t for t in read_json(p / BANK_CONFIG)["tasks"]]
+        elif (p / BANK_CONFIG).is_file():  # task names checked by the schema: folders inside the bank only
+            out += [p / t for t in BankConfig.from_dict(read_config(p / BANK_CONFIG), str(p / BANK_CONFIG)).tasks]
         else:
-            raise SystemExit(f"{p} is neither an adapter folder ({ADAPTER_CONFIG}) nor a bank ({BANK_CONFIG})")
+            raise SystemExit(f"{safe_text(str(p), 200)} is neither an adapter folder ({ADAPTER_CONFIG}) nor a bank "
+                             f"({BANK_CONFIG})")
     return out
 
 
@@ -59,7 +61,7 @@ def main(argv=None) -> list[dict]:
         bank = AdapterBank.load(d)
         adapter = bank.adapter()
         if adapter.card is None:
-            raise SystemExit(f"{d} was saved without a task card; cannot find its test data")
+            raise SystemExit(f"{safe_text(str(d), 200)} was saved without a task card; cannot find its test data")
         test = TensorData.from_card(adapter.card, "test")
         if args.test_subset and args.test_subset < len(test):
             test = test.subset(args.test_subset, seed=1)
@@ -69,11 +71,12 @@ def main(argv=None) -> list[dict]:
                      "learned": adapter.num_learned(), "adapter_bytes": adapter_bytes(d), "full_model_bytes": full,
                      "accuracy": (logits.argmax(-1) == test.y).float().mean().item(), "test_size": len(test),
                      "fingerprint": bank.frozen.fingerprint})
-    width = max(len(r["task"]) for r in rows)
+    shown = [safe_text(r["task"], 64) for r in rows]  # names from files are data: control characters escaped
+    width = max(len(t) for t in shown)
     print(f"| {'task':<{width}} | {'learned params':>14} | {'adapter bytes':>13} | {'accuracy':>8} |")
     print(f"|{'-' * (width + 2)}|{'-' * 16}|{'-' * 15}|{'-' * 10}|")
-    for r in rows:
-        print(f"| {r['task']:<{width}} | {r['learned']:>14,} | {r['adapter_bytes']:>13,} | {r['accuracy']:>8.4f} |")
+    for t, r in zip(shown, rows):
+        print(f"| {t:<{width}} | {r['learned']:>14,} | {r['adapter_bytes']:>13,} | {r['accuracy']:>8.4f} |")
     print(f"(one full model: {rows[0]['full_model_bytes']:,} bytes of tensors)")
     if args.out:
         write_json(args.out, rows)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import InitProcessGroupKwargs
 
-from ..adapters import AdapterBank, adapter_bytes
+from ..adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
 from ..backbones import build_backbone
 from ..data import load_task
 from ..distributed import make_accelerator
@@ -85,6 +85,12 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     home_out = out if len(args.task) > 1 else out.parent  # where backbone.json goes
+    if len(args.task) == 1 and out.is_dir():  # --out is the adapter folder itself: never a folder of others
+        others = sorted(q.name for q in out.iterdir() if (q / ADAPTER_CONFIG).is_file())
+        marks = [n for n in ("backbone.json", BANK_CONFIG) if (out / n).is_file()]
+        if others or marks:
+            ap.error(f"--out {out} holds other adapters ({', '.join(others[:4] + marks)}); with one task --out is "
+                     f"that adapter's own folder: pass --out {out / 'NAME'}")
     cards = {t: load_task(t) for t in args.task}  # a bad card fails here, on every process, before any work
     names = [c.name for c in cards.values()]
     if len(set(names)) != len(names):
