@@ -1,17 +1,76 @@
-"""``member_conv2d``: a conv2d whose vmap rule runs members' convs as one channels_last grouped conv.
+"""Custom ops that run K members' convs and batch norms fast under ``vmap``.
 
-torch's own batching rule for a batched input with a batched weight reshapes to a grouped conv
-in NCHW, which is slow on CPU (most of all its backward). This op's vmap rule lays the grouped
-input out channels_last, where oneDNN's grouped kernels are fast. Outside vmap it is
-``F.conv2d``. The ops its vmap rule runs are ordinary differentiable ops, so autograd through
-a vmapped call needs nothing more; the autograd formula below serves unbatched calls.
+``member_conv2d`` (a whole learned conv), ``split_conv2d`` (a conv whose first rows are learned and
+the rest fixed) and ``member_batch_norm``. Outside ``vmap`` each is the plain torch op. Under
+``vmap`` their batching rules choose how K members' convs run; torch's own rule for a batched
+input with a batched weight reshapes to a grouped conv in NCHW, slow on CPU (its backward most).
+
+Execution strategies for a batched input with batched weights (:data:`CONV_EXECUTIONS`):
+  ``"grouped"``  one grouped conv (K groups) over a channels_last input; a split conv's fixed rows
+                 as one dense conv over K·N samples. What ``"auto"`` picks on CUDA.
+  ``"dense"``    one dense conv per member with its merged weight, inside one op that writes the
+                 ``(N, K, C, H, W)`` layout batch norm reads as ``(N, K·C, H, W)``. ``"auto"`` on CPU
+                 (oneDNN's grouped kernels and its convs with a handful of outputs are slow).
+  ``"loop"``     no batching: each member's unbatched op in turn, stacked (the fallback torch's
+                 rules would otherwise need; also what unusual ``in_dims`` use under every setting).
+Whatever the setting, a shared input with batched weights runs the learned rows of every member
+as one dense conv with K·n outputs and the fixed rows once ("fixed rows once"); an unbatched
+weight runs one dense conv over K·N samples. Every strategy gives the plain module's results;
+``tests/test_ops.py`` runs each against it. Select one with :func:`conv_execution`.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["member_conv2d", "split_conv2d", "member_batch_norm"]
+__all__ = ["member_conv2d", "split_conv2d", "member_batch_norm", "CONV_EXECUTIONS", "conv_execution",
+           "get_conv_execution", "set_conv_execution"]
+
+# -- execution strategy ---------------------------------------------------------------------------
+CONV_EXECUTIONS = ("auto", "grouped", "dense", "loop")
+_setting = {"execution": "auto"}
+
+
+def get_conv_execution() -> str:
+    """The execution strategy the vmap rules use now (one of :data:`CONV_EXECUTIONS`)."""
+    return _setting["execution"]
+
+
+def set_conv_execution(name: str) -> str:
+    """Set the members' conv execution strategy for this process; returns the previous one."""
+    if name not in CONV_EXECUTIONS:
+        raise ValueError(f"conv execution must be one of {CONV_EXECUTIONS}, got {name!r}")
+    old, _setting["execution"] = _setting["execution"], name
+    return old
+
+
+@contextlib.contextmanager
+def conv_execution(name: str) -> Iterator[None]:
+    """Run the block with execution strategy ``name`` (``"auto"``, ``"grouped"``, ``"dense"``, ``"loop"``).
+
+    Applies to calls made (forward) inside the block; autograd's backward follows what the forward ran.
+    """
+    old = set_conv_execution(name)
+    try:
+        yield
+    finally:
+        set_conv_execution(old)
+
+
+def _strategy(x: torch.Tensor) -> str:
+    how = _setting["execution"]
+    if how == "auto":
+        return "grouped" if x.is_cuda else "dense"
+    return how
+
+
+def _loop(k: int, op, args: list[tuple[torch.Tensor, int | None]], *rest) -> tuple[torch.Tensor, int]:
+    """Member by member: ``op`` on each member's unbatched tensors (shared ones as they are), stacked on dim 0."""
+    outs = [op(*[t if d is None else t.select(d, i) for t, d in args], *rest) for i in range(k)]
+    return torch.stack(outs), 0
 
 
 @torch.library.custom_op("shared_backbone::member_conv2d", mutates_args=())
@@ -46,6 +105,9 @@ _member_conv2d.register_autograd(_backward, setup_context=_setup)
 @_member_conv2d.register_vmap
 def _(info, in_dims, x, w, stride, padding, dilation):
     xd, wd = in_dims[0], in_dims[1]
+    how = _strategy(x)
+    if how == "loop":
+        return _loop(info.batch_size, _member_conv2d, [(x, xd), (w, wd)], stride, padding, dilation)
     if wd is None:  # one weight for every member: a dense conv over K*N samples, in the input's layout
         return _dense_over_members(x, xd, w, stride, padding, dilation)
     w = w.movedim(wd, 0)  # (K, O, C, kh, kw)
@@ -54,6 +116,9 @@ def _(info, in_dims, x, w, stride, padding, dilation):
         out = F.conv2d(x, w.flatten(0, 1), None, stride, padding, dilation)
         return out.unflatten(1, (k, -1)), 1
     x = x.movedim(xd, 1)  # (N, K, C, H, W)
+    if how == "dense":  # the split conv's per-member op with no fixed rows
+        empty = w.new_empty((0, *w.shape[2:]))
+        return _members_split_conv2d(x, w, empty, list(stride), list(padding), list(dilation)), 1
     n, _, c, h, wd_ = x.shape
     xg = x.reshape(n, k * c, h, wd_).contiguous(memory_format=torch.channels_last)
     out = F.conv2d(xg, w.flatten(0, 1), None, stride, padding, dilation, k)  # (N, K*O, H', W')
@@ -115,13 +180,9 @@ _split_conv2d.register_autograd(_split_backward, setup_context=_split_setup)
 @_split_conv2d.register_vmap
 def _(info, in_dims, x, wl, wf, stride, padding, dilation):
     xd, ld, fd = in_dims[0], in_dims[1], in_dims[2]
-    if fd is not None or ld is None:  # unusual: batched fixed rows or unbatched learned ones
-        k = info.batch_size
-        x = x.movedim(xd, 0) if xd is not None else x.expand(k, *x.shape)
-        wl = wl.movedim(ld, 0) if ld is not None else wl.expand(k, *wl.shape)
-        wf = wf.movedim(fd, 0) if fd is not None else wf.expand(k, *wf.shape)
-        out = torch.stack([F.conv2d(x[i], torch.cat([wl[i], wf[i]]), None, stride, padding, dilation) for i in range(k)])
-        return out, 0
+    how = _strategy(x)
+    if how == "loop" or fd is not None or ld is None:  # or unusual: batched fixed rows, unbatched learned ones
+        return _loop(info.batch_size, _split_conv2d, [(x, xd), (wl, ld), (wf, fd)], stride, padding, dilation)
     wl = wl.movedim(ld, 0)  # (K, n, C, kh, kw)
     k = wl.shape[0]
     if xd is None:  # shared input: learned rows of all members in one dense conv, fixed rows once
@@ -129,7 +190,7 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
         out_f = F.conv2d(x, wf, None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
         return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1
     x = x.movedim(xd, 1)  # (N, K, C, H, W)
-    if not x.is_cuda:  # oneDNN: dense convs per member beat a grouped conv
+    if how == "dense":  # oneDNN: dense convs per member beat a grouped conv
         return _members_split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation)), 1
     n, _, c, h, w = x.shape
     xg = x.reshape(n, k * c, h, w).contiguous(memory_format=torch.channels_last)

@@ -12,9 +12,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .frozen import FrozenBackbone, init_module
 from .slices import SliceLayout, SliceSpec, resolve
+from ._member_conv import CONV_EXECUTIONS, conv_execution
 from ._split import build_template, merge_param, template_key
 
-__all__ = ["Ensemble", "MemberStack"]
+__all__ = ["Ensemble", "MemberStack", "CONV_EXECUTIONS", "conv_execution"]
 
 _BN = nn.modules.batchnorm._NormBase
 _DATA_MODES = ("shared", "own")
