@@ -67,21 +67,31 @@ def _strategy(x: torch.Tensor) -> str:
     return how
 
 
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    """On CPU, ``t`` (4-d) in channels_last: oneDNN's convs, their weight gradients above all, and batch
+    norm are several times faster there than in NCHW, and element-wise ops keep the layout, so
+    activations stay channels_last from the first member conv on. Elsewhere ``t`` as it is."""
+    if t.device.type == "cpu" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def _loop(k: int, op, args: list[tuple[torch.Tensor, int | None]], *rest) -> tuple[torch.Tensor, int]:
     """Member by member: ``op`` on each member's unbatched tensors (shared ones as they are), stacked on dim 0."""
-    outs = [op(*[t if d is None else t.select(d, i) for t, d in args], *rest) for i in range(k)]
+    per = [[t] * k if d is None else t.unbind(d) for t, d in args]  # unbind: one stacking backward
+    outs = [op(*(p[i] for p in per), *rest) for i in range(k)]
     return torch.stack(outs), 0
 
 
 @torch.library.custom_op("shared_backbone::member_conv2d", mutates_args=())
 def _member_conv2d(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int],
                    dilation: list[int]) -> torch.Tensor:
-    return F.conv2d(x, w, None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(w), None, stride, padding, dilation)
 
 
 @_member_conv2d.register_fake
 def _(x, w, stride, padding, dilation):
-    return F.conv2d(x, w, None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(w), None, stride, padding, dilation)
 
 
 def _setup(ctx, inputs, output):
@@ -94,7 +104,7 @@ def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     stride, padding, dilation = ctx.args
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+        _cl(grad), _cl(x), _cl(w), None, stride, padding, dilation, False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
     return gx, gw, None, None, None
 
@@ -113,12 +123,14 @@ def _(info, in_dims, x, w, stride, padding, dilation):
     w = w.movedim(wd, 0)  # (K, O, C, kh, kw)
     k = w.shape[0]
     if xd is None:  # one input for every member: a dense conv with K*O outputs
-        out = F.conv2d(x, w.flatten(0, 1), None, stride, padding, dilation)
+        out = F.conv2d(_cl(x), _cl(w.flatten(0, 1)), None, stride, padding, dilation)  # (N, K*O, H', W')
+        if how == "dense":
+            return _members_copy(out.unflatten(1, (k, -1)).movedim(1, 0)), 0
         return out.unflatten(1, (k, -1)), 1
-    x = x.movedim(xd, 1)  # (N, K, C, H, W)
-    if how == "dense":  # the split conv's per-member op with no fixed rows
+    if how == "dense":  # the split conv's per-member op with no fixed rows, member-major
         empty = w.new_empty((0, *w.shape[2:]))
-        return _members_split_conv2d(x, w, empty, list(stride), list(padding), list(dilation)), 1
+        return _members_split_conv2d(x.movedim(xd, 0), w, empty, list(stride), list(padding), list(dilation)), 0
+    x = x.movedim(xd, 1)  # (N, K, C, H, W)
     n, _, c, h, wd_ = x.shape
     xg = x.reshape(n, k * c, h, wd_).contiguous(memory_format=torch.channels_last)
     out = F.conv2d(xg, w.flatten(0, 1), None, stride, padding, dilation, k)  # (N, K*O, H', W')
@@ -145,12 +157,12 @@ def member_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, s
 @torch.library.custom_op("shared_backbone::split_conv2d", mutates_args=())
 def _split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: list[int], padding: list[int],
                   dilation: list[int]) -> torch.Tensor:
-    return F.conv2d(x, torch.cat([wl, wf]), None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(torch.cat([wl, wf])), None, stride, padding, dilation)
 
 
 @_split_conv2d.register_fake
 def _(x, wl, wf, stride, padding, dilation):
-    return F.conv2d(x, torch.cat([wl, wf]), None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(torch.cat([wl, wf])), None, stride, padding, dilation)
 
 
 def _split_setup(ctx, inputs, output):
@@ -164,13 +176,15 @@ def _split_backward(ctx, grad):
     x, wl, wf = ctx.saved_tensors
     stride, padding, dilation = ctx.args
     n = wl.shape[0]
+    grad, x = _cl(grad), _cl(x)
     gx = gwl = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.aten.convolution_backward(
-            grad, x, torch.cat([wl, wf]), None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
-    if ctx.needs_input_grad[1]:
+            grad, x, _cl(torch.cat([wl, wf])), None, stride, padding, dilation, False, [0, 0], 1,
+            [True, False, False])[0]
+    if ctx.needs_input_grad[1]:  # channels_last: oneDNN's weight gradient of a few rows is cheap only there
         gwl = torch.ops.aten.convolution_backward(
-            grad[:, :n].contiguous(), x, wl, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+            _cl(grad[:, :n]), x, _cl(wl), None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
     return gx, gwl, None, None, None, None
 
 
@@ -186,12 +200,18 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
     wl = wl.movedim(ld, 0)  # (K, n, C, kh, kw)
     k = wl.shape[0]
     if xd is None:  # shared input: learned rows of all members in one dense conv, fixed rows once
-        out_l = F.conv2d(x, wl.flatten(0, 1), None, stride, padding, dilation).unflatten(1, (k, -1))  # (N, K, n, H, W)
-        out_f = F.conv2d(x, wf, None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
-        return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1
-    x = x.movedim(xd, 1)  # (N, K, C, H, W)
+        out_l = F.conv2d(_cl(x), _cl(wl.flatten(0, 1)), None, stride, padding, dilation).unflatten(1, (k, -1))
+        out_f = F.conv2d(_cl(x), _cl(wf), None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
+        if how == "dense":  # member-major: (K, N, c, H', W'), each member's block channels_last on CPU
+            nl = out_l.shape[2]
+            out = _members_empty(k, out_f[:, 0], out_l.shape[2] + out_f.shape[2])
+            out[:, :, :nl] = out_l.movedim(1, 0)
+            out[:, :, nl:] = out_f.movedim(1, 0)
+            return out, 0
+        return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1  # (N, K, c, H', W')
     if how == "dense":  # oneDNN: dense convs per member beat a grouped conv
-        return _members_split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation)), 1
+        return _members_split_conv2d(x.movedim(xd, 0), wl, wf, list(stride), list(padding), list(dilation)), 0
+    x = x.movedim(xd, 1)  # (N, K, C, H, W)
     n, _, c, h, w = x.shape
     xg = x.reshape(n, k * c, h, w).contiguous(memory_format=torch.channels_last)
     out_l = F.conv2d(xg, wl.flatten(0, 1), None, stride, padding, dilation, k).unflatten(1, (k, -1))  # (N, K, n, ...)
@@ -203,28 +223,44 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
 @torch.library.custom_op("shared_backbone::members_split_conv2d", mutates_args=())
 def _members_split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: list[int],
                           padding: list[int], dilation: list[int]) -> torch.Tensor:
-    """Every member's split conv on ``(N, K, C, H, W)`` input, laid out for CPU kernels.
+    """Every member's split conv on member-major ``(K, N, C, H, W)`` input, laid out for CPU kernels.
 
-    On oneDNN a conv with a handful of output channels (the learned rows) costs as much as the
-    whole layer, and grouped convs are slower still, so each member runs one dense conv with its
-    merged weight, writing into an ``(N, K, c_out, H', W')`` output: batch norm, ReLU and residual
-    adds then meet one contiguous layout (see :func:`member_batch_norm`).
+    On oneDNN a grouped conv is slow, so each member runs one dense conv with its merged weight on its
+    own block ``x[k]`` (channels_last on CPU: no copy when the input came from this op), writing into a
+    member-major output whose blocks are channels_last too: batch norm, ReLU and residual adds then
+    meet one layout end to end, the one the member loop runs in. Shape: ``-> (K, N, c_out, H', W')``.
     """
-    n_, k = x.shape[:2]
+    k = x.shape[0]
     out = None
     for i in range(k):
-        o = F.conv2d(x[:, i], torch.cat([wl[i], wf]), None, stride, padding, dilation)
+        o = F.conv2d(_cl(x[i]), _cl(torch.cat([wl[i], wf])), None, stride, padding, dilation)
         if out is None:
-            out = o.new_empty(n_, k, *o.shape[1:])
-        out[:, i] = o
+            out = _members_empty(k, o)
+        out[i] = o
     return out
 
 
 @_members_split_conv2d.register_fake
 def _(x, wl, wf, stride, padding, dilation):
-    n_, k = x.shape[:2]
-    out = F.conv2d(x[:, 0], torch.cat([wl[0], wf]), None, stride, padding, dilation)
-    return out.new_empty(n_, k, *out.shape[1:])
+    o = F.conv2d(_cl(x[0]), _cl(torch.cat([wl[0], wf])), None, stride, padding, dilation)
+    return _members_empty(x.shape[0], o)
+
+
+def _members_empty(k: int, like: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An empty member-major ``(K, N, C, H, W)`` tensor shaped like ``like`` (N, C, H, W) per member,
+    each member's block channels_last on CPU (contiguous elsewhere)."""
+    n, c, h, w = like.shape
+    c = c if channels is None else channels
+    if like.device.type == "cpu":
+        return like.new_empty((k, n, h, w, c)).permute(0, 1, 4, 2, 3)
+    return like.new_empty((k, n, c, h, w))
+
+
+def _members_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (K, N, C, H, W) copied into the member-major layout of :func:`_members_empty`."""
+    out = _members_empty(t.shape[0], t[0])
+    out.copy_(t)
+    return out
 
 
 def _members_setup(ctx, inputs, output):
@@ -239,17 +275,17 @@ def _members_backward(ctx, grad):
     stride, padding, dilation = ctx.args
     k, nl = wl.shape[:2]
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    gx = _members_empty(k, x[0]) if need_x else None
     gwl = torch.empty_like(wl) if need_w else None
     for i in range(k):
-        gi, xi = grad[:, i].contiguous(), x[:, i].contiguous()
+        gi, xi = _cl(grad[i]), _cl(x[i])
         if need_x:
-            gx[:, i] = torch.ops.aten.convolution_backward(
-                gi, xi, torch.cat([wl[i], wf]), None, stride, padding, dilation, False, [0, 0], 1,
+            gx[i] = torch.ops.aten.convolution_backward(
+                gi, xi, _cl(torch.cat([wl[i], wf])), None, stride, padding, dilation, False, [0, 0], 1,
                 [True, False, False])[0]
         if need_w:
             gwl[i] = torch.ops.aten.convolution_backward(
-                gi[:, :nl].contiguous(), xi, wl[i], None, stride, padding, dilation, False, [0, 0], 1,
+                _cl(gi[:, :nl]), xi, _cl(wl[i]), None, stride, padding, dilation, False, [0, 0], 1,
                 [False, True, False])[1]
     return gx, gwl, None, None, None, None
 
@@ -301,7 +337,9 @@ def _bn_backward(ctx, grad, _gmean, _ginvstd):
     x, w, rm, rv, mean, invstd = ctx.saved_tensors
     training, eps = ctx.args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(), x, w, rm, rv, mean, invstd,
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(memory_format=fmt), x, w, rm, rv, mean, invstd,
                                                             training, eps, mask)
     return gx, gw, gb, None, None, None, None
 
@@ -322,6 +360,15 @@ def _(info, in_dims, x, w, b, rm, rv, training, eps):
     xd, wd, bd, md, vd = in_dims[:5]
     x = x.movedim(xd, 1) if xd is not None else x.unsqueeze(1).expand(-1, k, *x.shape[1:])  # (N, K, C, ...)
     n, _, c, *rest = x.shape
+    if x.stride(1) != c * x.stride(2):  # members' channels not side by side (member-major): one per member
+        # unbind, not x[:, i]: autograd then stacks the members' gradients once instead of adding K full-size ones
+        per = [[t] * k if t is None or d is None else t.unbind(d) for t, d in ((w, wd), (b, bd), (rm, md), (rv, vd))]
+        xs = x.movedim(1, 0).unbind(0)  # (along dim 0: the gradients stack back member-major)
+        outs = [_member_batch_norm(xi, *(p[i] for p in per), training, eps) for i, xi in enumerate(xs)]
+        out = torch.stack([o[0] for o in outs])  # (K, N, C, ...), each block in its input's layout
+        if training:
+            return (out, torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])), (0, 0, 0)
+        return (out, outs[0][1], outs[0][2]), (0, None, None)
     x2 = x.reshape(n, k * c, *rest)  # a view when the members' channels already sit side by side
     out, mean, invstd = torch.ops.aten.native_batch_norm(
         x2, _per_member(w, wd, k), _per_member(b, bd, k), _per_member(rm, md, k), _per_member(rv, vd, k),

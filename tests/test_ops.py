@@ -109,7 +109,7 @@ def _op_samples(device, dtype=torch.float32):
     w = _t(O, C, 3, 3, device=device, dtype=dtype, seed=1, grad=True)
     wl = _t(NL, C, 3, 3, device=device, dtype=dtype, seed=2, grad=True)
     wf = _t(O - NL, C, 3, 3, device=device, dtype=dtype, seed=3)
-    xk = _t(N, K, C, HW, HW, device=device, dtype=dtype, seed=4, grad=True)
+    xk = _t(K, N, C, HW, HW, device=device, dtype=dtype, seed=4, grad=True)  # member-major
     wlk = _t(K, NL, C, 3, 3, device=device, dtype=dtype, seed=5, grad=True)
     h = _t(N, O, HW, HW, device=device, dtype=dtype, seed=6, grad=True)
     g = (1 + 0.1 * _t(O, device=device, dtype=dtype, seed=7)).requires_grad_(True)
