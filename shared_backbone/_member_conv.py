@@ -251,8 +251,8 @@ def _members_empty(k: int, like: torch.Tensor, channels: int | None = None) -> t
     each member's block channels_last on CPU (contiguous elsewhere)."""
     n, c, h, w = like.shape
     c = c if channels is None else channels
-    if like.device.type == "cpu":
-        return like.new_empty((k, n, h, w, c)).permute(0, 1, 4, 2, 3)
+    if like.device.type == "cpu":  # not a permuted view: autograd lets in-place ops (ReLU) write into it
+        return like.new_empty_strided((k, n, c, h, w), (n * h * w * c, h * w * c, 1, w * c, c))
     return like.new_empty((k, n, c, h, w))
 
 
@@ -361,20 +361,71 @@ def _(info, in_dims, x, w, b, rm, rv, training, eps):
     x = x.movedim(xd, 1) if xd is not None else x.unsqueeze(1).expand(-1, k, *x.shape[1:])  # (N, K, C, ...)
     n, _, c, *rest = x.shape
     if x.stride(1) != c * x.stride(2):  # members' channels not side by side (member-major): one per member
-        # unbind, not x[:, i]: autograd then stacks the members' gradients once instead of adding K full-size ones
-        per = [[t] * k if t is None or d is None else t.unbind(d) for t, d in ((w, wd), (b, bd), (rm, md), (rv, vd))]
-        xs = x.movedim(1, 0).unbind(0)  # (along dim 0: the gradients stack back member-major)
-        outs = [_member_batch_norm(xi, *(p[i] for p in per), training, eps) for i, xi in enumerate(xs)]
-        out = torch.stack([o[0] for o in outs])  # (K, N, C, ...), each block in its input's layout
-        if training:
-            return (out, torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])), (0, 0, 0)
-        return (out, outs[0][1], outs[0][2]), (0, None, None)
+        per = [None if t is None else t.movedim(d, 0) if d is not None else t.expand(k, *t.shape)
+               for t, d in ((w, wd), (b, bd), (rm, md), (rv, vd))]
+        out, mean, invstd = _members_batch_norm(x.movedim(1, 0), *per, training, eps)  # (K, N, C, ...)
+        return (out, mean, invstd), (0, 0 if training else None, 0 if training else None)
     x2 = x.reshape(n, k * c, *rest)  # a view when the members' channels already sit side by side
     out, mean, invstd = torch.ops.aten.native_batch_norm(
         x2, _per_member(w, wd, k), _per_member(b, bd, k), _per_member(rm, md, k), _per_member(rv, vd, k),
         training, 0.0, eps)
     stats = (mean.view(k, c), invstd.view(k, c)) if training else (mean, invstd)
     return (out.view(n, k, c, *rest), *stats), (1, 0 if training else None, 0 if training else None)
+
+
+@torch.library.custom_op("shared_backbone::members_batch_norm", mutates_args=())
+def _members_batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rm: torch.Tensor | None,
+                        rv: torch.Tensor | None, training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """Every member's batch norm on member-major ``(K, N, C, H, W)`` input, written in place member by
+    member (no stacking copy), each block in its input's layout. ``w``, ``b``, ``rm``, ``rv``: ``(K, C)``."""
+    k = x.shape[0]
+    out = torch.empty_like(x)  # x's strides: each member's block in its input's layout (native_batch_norm.out needs it)
+    c = x.shape[2] if training else 0
+    mean, invstd = x.new_empty(k, c), x.new_empty(k, c)
+    for i in range(k):
+        torch.ops.aten.native_batch_norm.out(x[i], w[i], b[i], None if rm is None else rm[i],
+                                             None if rv is None else rv[i], training, 0.0, eps,
+                                             out=out[i], save_mean=mean[i], save_invstd=invstd[i])
+    return out, mean, invstd
+
+
+@_members_batch_norm.register_fake
+def _(x, w, b, rm, rv, training, eps):
+    k = x.shape[0]
+    c = x.shape[2] if training else 0
+    return torch.empty_like(x), x.new_empty(k, c), x.new_empty(k, c)
+
+
+def _members_bn_setup(ctx, inputs, output):
+    x, w, b, rm, rv, training, eps = inputs
+    ctx.save_for_backward(x, w, rm, rv, output[1], output[2])
+    ctx.args = (training, eps)
+
+
+def _members_bn_backward(ctx, grad, _gmean, _ginvstd):
+    x, w, rm, rv, mean, invstd = ctx.saved_tensors
+    training, eps = ctx.args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    k = x.shape[0]
+    gx = torch.empty_like(x) if mask[0] else None
+    gw = torch.empty_like(w) if mask[1] else None
+    gb = torch.empty_like(w) if mask[2] else None
+    for i in range(k):
+        xi = x[i]
+        fmt = torch.channels_last if xi.dim() == 4 and not xi.is_contiguous() and xi.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        res = torch.ops.aten.native_batch_norm_backward(
+            grad[i].contiguous(memory_format=fmt), xi, w[i], None if rm is None else rm[i],
+            None if rv is None else rv[i], mean[i], invstd[i],
+            training, eps, mask)
+        for dst, r in zip((gx, gw, gb), res):
+            if dst is not None:
+                dst[i] = r
+    return gx, gw, gb, None, None, None, None
+
+
+_members_batch_norm.register_autograd(_members_bn_backward, setup_context=_members_bn_setup)
 
 
 def member_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
