@@ -408,21 +408,17 @@ def _members_bn_backward(ctx, grad, _gmean, _ginvstd):
     training, eps = ctx.args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
     k = x.shape[0]
-    gx = torch.empty_like(x) if mask[0] else None
-    gw = torch.empty_like(w) if mask[1] else None
-    gb = torch.empty_like(w) if mask[2] else None
+    # every gradient is written in place (the .out kernel needs all three; unneeded ones are dropped)
+    gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
     for i in range(k):
         xi = x[i]
         fmt = torch.channels_last if xi.dim() == 4 and not xi.is_contiguous() and xi.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format
-        res = torch.ops.aten.native_batch_norm_backward(
+        torch.ops.aten.native_batch_norm_backward.out(
             grad[i].contiguous(memory_format=fmt), xi, w[i], None if rm is None else rm[i],
-            None if rv is None else rv[i], mean[i], invstd[i],
-            training, eps, mask)
-        for dst, r in zip((gx, gw, gb), res):
-            if dst is not None:
-                dst[i] = r
-    return gx, gw, gb, None, None, None, None
+            None if rv is None else rv[i], mean[i], invstd[i], training, eps, [True, True, True],
+            out0=gx[i], out1=gw[i], out2=gb[i])
+    return (gx if mask[0] else None), (gw if mask[1] else None), (gb if mask[2] else None), None, None, None, None
 
 
 _members_batch_norm.register_autograd(_members_bn_backward, setup_context=_members_bn_setup)
