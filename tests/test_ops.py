@@ -264,3 +264,23 @@ def test_ensemble_strategy_equals_plain_modules(how, data, spec_id, make_spec, f
         want = params[name].grad if d is None else params[name].grad.narrow(d, 0, n)
         torch.testing.assert_close(p.grad[0], want, atol=1e-4, rtol=1e-3, msg=name)
         assert not p.grad[1].any(), name
+
+
+def test_dense_strategy_keeps_members_channels_last_on_cpu():
+    """The layout the dense rules promise on CPU: member-major, each member's block channels_last,
+    through a conv, a batch norm and a second conv (so no op pays a layout conversion)."""
+    x = _t(K, N, C, HW, HW, device="cpu")
+    wl, w = _t(K, NL, C, 3, 3, device="cpu", seed=1), _t(K, O, O, 3, 3, device="cpu", seed=2)
+    wf, g = _t(O - NL, C, 3, 3, device="cpu", seed=3), 1 + 0.1 * _t(K, O, device="cpu", seed=4)
+    seen = []
+
+    def member(x, wl, w, g):
+        h = mc.split_conv2d(x, wl, wf, *CONV_ARGS)
+        h = mc.member_batch_norm(h, g, torch.zeros_like(g), None, None, True, 0.1, 1e-5)
+        seen.append(h)
+        return mc.member_conv2d(torch.relu(h), w, None, *CONV_ARGS)
+
+    with conv_execution("dense"):
+        out = vmap(member)(x, wl, w, g)
+    for t in (out, torch._C._functorch.get_unwrapped(seen[0])):
+        assert t.shape[:2] == (K, N) and all(t[i].is_contiguous(memory_format=torch.channels_last) for i in range(K))
