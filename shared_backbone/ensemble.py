@@ -209,7 +209,7 @@ class MemberStack(nn.Module):
         h_dim = 0 if per_member else None
         try:
             if vectorized:
-                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim),
+                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim), chunk_size=_vmap_chunk(self.members, h),
                           randomness="different" if self._has_dropout else "error")
                 return fn(slices, stats, h)
             outs = []
@@ -239,6 +239,22 @@ class MemberStack(nn.Module):
         per_member = x.dim() == 5
         h = x if per_member else self.prefix(x)
         return self.forward_members(h, vectorized=vectorized, per_member=per_member)
+
+
+CPU_VMAP_CHUNK = 4  # members per vmapped chunk on CPU
+
+
+def _vmap_chunk(k: int, h: torch.Tensor) -> int | None:
+    """Members per ``vmap`` chunk: on CPU about ``CPU_VMAP_CHUNK``, so a layer's K-member activations
+    stay small enough for the cache (the element-wise ops over all K members' activations are what
+    makes an unchunked vmap slower than the member loop there); never a chunk of one member (a
+    size-1 vmap's conv backward once corrupted the heap). ``None`` (one call) elsewhere."""
+    if h.device.type != "cpu" or k <= CPU_VMAP_CHUNK:
+        return None
+    chunk = -(-k // -(-k // CPU_VMAP_CHUNK))  # chunks as even as they can be
+    while k % chunk == 1:
+        chunk += 1
+    return chunk
 
 
 def _rows(t: torch.Tensor, sl) -> torch.Tensor:

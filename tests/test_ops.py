@@ -284,3 +284,25 @@ def test_dense_strategy_keeps_members_channels_last_on_cpu():
         out = vmap(member)(x, wl, w, g)
     for t in (out, torch._C._functorch.get_unwrapped(seen[0])):
         assert t.shape[:2] == (K, N) and all(t[i].is_contiguous(memory_format=torch.channels_last) for i in range(K))
+
+
+def test_chunked_vmap_equals_the_member_loop(frozen):
+    """K=5 on CPU runs vmap in chunks of 3 and 2: logits, running statistics and gradients equal the loop's."""
+    from shared_backbone.ensemble import _vmap_chunk
+
+    assert _vmap_chunk(5, torch.zeros(1)) == 3 and _vmap_chunk(8, torch.zeros(1)) == 4
+    assert all(k % _vmap_chunk(k, torch.zeros(1)) != 1 for k in range(5, 40))  # never a chunk of one member
+    torch.manual_seed(0)
+    ens = sb.Ensemble(frozen, sb.Filters(0.25) + sb.BatchNorm() + sb.Head(), members=5, seed=1).train()
+    twin = __import__("copy").deepcopy(ens)
+    x, y = te.inputs("shared", seed=2)
+    outs = []
+    for model, vec in ((ens, True), (twin, False)):
+        out = model(x, vectorized=vec)
+        F.cross_entropy(out.flatten(0, 1), y.repeat(5)).backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for (n, p), (_, q) in zip(ens.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+    for n, b in ens.member_stats.as_dict().items():
+        torch.testing.assert_close(b, twin.member_stats.as_dict()[n], msg=n)
