@@ -382,7 +382,7 @@ def _members_batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rm: t
     k = x.shape[0]
     out = torch.empty_like(x)  # x's strides: each member's block in its input's layout (native_batch_norm.out needs it)
     c = x.shape[2] if training else 0
-    mean, invstd = x.new_empty(k, c), x.new_empty(k, c)
+    mean, invstd = w.new_empty(k, c), w.new_empty(k, c)  # the parameters' dtype (float32 under bf16 autocast)
     for i in range(k):
         torch.ops.aten.native_batch_norm.out(x[i], w[i], b[i], None if rm is None else rm[i],
                                              None if rv is None else rv[i], training, 0.0, eps,
@@ -394,7 +394,7 @@ def _members_batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rm: t
 def _(x, w, b, rm, rv, training, eps):
     k = x.shape[0]
     c = x.shape[2] if training else 0
-    return torch.empty_like(x), x.new_empty(k, c), x.new_empty(k, c)
+    return torch.empty_like(x), w.new_empty(k, c), w.new_empty(k, c)
 
 
 def _members_bn_setup(ctx, inputs, output):
