@@ -165,6 +165,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    if "distributed" in stages and gpu_count(args.device) < 2:  # skipped: its time goes to the test suite
+        LIMITS["tests"] += LIMITS["distributed"]
+
     report: dict = {"device": args.device, "quick": args.quick, "torch": torch.__version__,
                     "gpus": [torch.cuda.get_device_name(i) for i in range(gpu_count(args.device))],
                     "stages": {}}
