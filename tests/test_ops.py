@@ -306,3 +306,30 @@ def test_chunked_vmap_equals_the_member_loop(frozen):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
     for n, b in ens.member_stats.as_dict().items():
         torch.testing.assert_close(b, twin.member_stats.as_dict()[n], msg=n)
+
+
+def test_mixed_adapter_batch_runs_the_shared_prefix_once_only_when_statistics_agree(frozen):
+    """Blocks("block3")+Head() tasks: stem..block2 run once for the mixed batch while every task holds the
+    same statistics there; after one task's differ, the batch falls back to per-task prefixes. Either way
+    each sample's logits equal its task's own forward."""
+    bank = sb.AdapterBank(frozen)
+    for i, classes in enumerate((3, 5, 4)):
+        bank.add_task(f"t{i}", sb.Blocks("block3") + sb.Head(), num_classes=classes, seed=i)
+    bank.eval()
+    x = te.inputs("shared", seed=5)[0][:4].repeat(3, 1, 1, 1)  # 12 samples
+    tasks = [f"t{i % 3}" for i in range(12)]
+
+    def check(expect_prefix: bool):
+        with torch.no_grad():
+            mixed = bank(x, tasks=tasks)
+            for i, t in enumerate(tasks):
+                alone = bank(x[i:i + 1], task=t)[0]
+                torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
+        stack = bank._mixed[1]
+        assert bool(stack.prefix_stages) == expect_prefix and (stack.data == "shared") == expect_prefix
+
+    check(expect_prefix=True)
+    with torch.no_grad():  # task t1's statistics in block1 move (as training on its own data would)
+        name = next(n for n in bank.adapter("t1").stats_of(0) if n.startswith("stages.block1") and "running_mean" in n)
+        bank.adapter("t1").set_member(0, bank.adapter("t1").slice_of(0), {name: bank.adapter("t1").stats_of(0)[name] + 0.5})
+    check(expect_prefix=False)
