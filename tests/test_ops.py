@@ -148,7 +148,7 @@ def test_gradcheck_float64(name, device):
         out = op(*full)
         return out[0] if isinstance(out, tuple) else out
 
-    assert torch.autograd.gradcheck(fn, [args[i] for i in idx], atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, [args[i] for i in idx], atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 @strategies
