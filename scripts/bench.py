@@ -183,6 +183,8 @@ def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
         return {
             "full_K1": bench.ensemble_case(Full(), 1)[0],
             "filters0.1_K1": bench.ensemble_case(Filters(0.1), 1)[0],
+            "filters0.1_bn_head_K1": bench.ensemble_case(ens_spec, 1)[0],
+            "full_plain_x1": bench.plain_case()[0],
         }
     if suite == "ensemble_step":
         return {
@@ -205,33 +207,38 @@ def suite_cases(bench: Bench, suite: str) -> dict[str, Callable[[], None]]:
 ADAPTER_TASKS = (("a", 10), ("b", 10), ("c", 4), ("d", 10))  # (name, classes): 4 tasks, one spec
 
 
-def _adapter_bank(bench: Bench):
+def _adapter_bank(bench: Bench, spec=None):
     from shared_backbone import AdapterBank
 
     bank = AdapterBank(bench.frozen)
     for i, (name, classes) in enumerate(ADAPTER_TASKS):
-        bank.add_task(name, Filters(0.1) + BatchNorm() + Head(), num_classes=classes, seed=i)
+        bank.add_task(name, spec or Filters(0.1) + BatchNorm() + Head(), num_classes=classes, seed=i)
     return bank.to(bench.device).eval()
 
 
 def adapter_cases(bench: Bench) -> dict[str, Callable[[], None]]:
-    """Serving: a mixed batch of 4 tasks in one vmapped call vs 4 per-task forwards on the same samples."""
-    bank = _adapter_bank(bench)
+    """Serving: a mixed batch of 4 tasks in one vmapped call vs 4 per-task forwards on the same samples,
+    for ``Filters(0.1)+BatchNorm()+Head()`` tasks and for ``Blocks("block3")+Head()`` tasks (whose
+    stem, block1 and block2 run once for the whole mixed batch)."""
     names = [t for t, _ in ADAPTER_TASKS]
     n = bench.x.shape[0]
     tasks = [names[i % len(names)] for i in range(n)]  # interleaved: every task in every batch
     index = {t: torch.tensor([i for i in range(n) if tasks[i] == t], device=bench.device) for t in names}
+    cases = {}
+    for suffix, spec in (("", Filters(0.1) + BatchNorm() + Head()), ("_block3", Blocks("block3") + Head())):
+        bank = _adapter_bank(bench, spec)
 
-    @torch.no_grad()
-    def mixed() -> None:
-        bank(bench.x, tasks=tasks)  # (N, C_max)
+        @torch.no_grad()
+        def mixed(bank=bank) -> None:
+            bank(bench.x, tasks=tasks)  # (N, C_max)
 
-    @torch.no_grad()
-    def separate() -> None:
-        for t in names:
-            bank(bench.x[index[t]], task=t)  # (N/4, C_t) each
+        @torch.no_grad()
+        def separate(bank=bank) -> None:
+            for t in names:
+                bank(bench.x[index[t]], task=t)  # (N/4, C_t) each
 
-    return {"mixed_4tasks": mixed, "separate_4x": separate}
+        cases[f"mixed_4tasks{suffix}"], cases[f"separate_4x{suffix}"] = mixed, separate
+    return cases
 
 
 def adapter_storage(bench: Bench) -> dict:
@@ -259,15 +266,24 @@ def adapter_storage(bench: Bench) -> dict:
 RATIOS = {
     "slice_step": [
         ("slice_over_full", "filters0.1_K1", "full_K1", 1, 1, "<", 1.0),
+        # issue 13: a K=1 member step against a plain module's full step, and against Full() in the library
+        ("k1_slice_bn_head_over_full_step", "filters0.1_bn_head_K1", "full_plain_x1", 1, 1, "<=", 0.8),
+        ("k1_slice_bn_head_over_full_K1", "filters0.1_bn_head_K1", "full_K1", 1, 1, None, None),
     ],
     "ensemble_step": [
         ("naive_loop_over_vmap", "naive_loop", "vmap", 1, 1, ">=", 1.3),
         ("loop_over_vmap", "loop", "vmap", 1, 1, None, None),
         ("vmap_over_8x_full", "vmap", "full_plain_x1", 1, "K", "<=", 1.0),
         ("loop_over_8x_full", "loop", "full_plain_x1", 1, "K", None, None),
+        # issue 13: the execution `auto` picks (loop on CPU, vmap on CUDA; "auto" below is resolved per
+        # device), and vmap's speed relative to the loop (loop time / vmap time; >= 0.95: never the slow path)
+        ("k8_auto_over_8x_full", "auto", "full_plain_x1", 1, "K", "<=", 0.8),
+        ("vmap_speed_over_loop", "loop", "vmap", 1, 1, ">=", 0.95),
     ],
     "adapters": [
         ("separate_over_mixed", "separate_4x", "mixed_4tasks", 1, 1, None, None),
+        ("mixed_over_separate", "mixed_4tasks", "separate_4x", 1, 1, None, None),
+        ("mixed_block3_over_separate", "mixed_4tasks_block3", "separate_4x_block3", 1, 1, "<=", 0.5),
     ],
     "shared_prefix": [
         ("head_K8_over_full", "head_K8", "full_plain_x1", 1, 1, "<=", 1.5),
@@ -306,7 +322,9 @@ def time_suite(bench: Bench, suite: str, repeats: int, warmup: int, log=print) -
     out_cases = {n: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "all_s": ts}
                  for n, ts in times.items()}
     ratios = {}
+    auto = "vmap" if bench.device.type == "cuda" else "loop"  # what the scripts' --execution auto runs
     for name, num, den, sn, sd, op, target in RATIOS[suite]:
+        num, den = (auto if c == "auto" else c for c in (num, den))
         sn = k if sn == "K" else sn
         sd = k if sd == "K" else sd
         of_medians = (sn * out_cases[num]["median_s"]) / (sd * out_cases[den]["median_s"])
@@ -528,6 +546,11 @@ def memory_suite(bench: Bench, args) -> dict:
         "ensemble_K8_loop_over_full": {"value": c["ensemble_K8_loop"]["delta_bytes"] / full,
                                        "definition": "step peak delta, K=8 loop ensemble / one full model"},
     }
+    auto = "ensemble_K8_vmap" if device.type == "cuda" else "ensemble_K8_loop"
+    value = c[auto]["delta_bytes"] / full
+    out["ratios"]["peak_memory_k8_auto_over_full"] = {
+        "value": value, "target": "<= 4", "met": value <= 4,
+        "definition": f"step peak delta, K=8 ensemble with the execution auto picks ({auto}) / one full model"}
     ens_d = describe(bench.frozen, Filters(0.1) + BatchNorm() + Head(), members=bench.cfg["members"], verbose=False)
     full_d = describe(bench.frozen, Full(), verbose=False)
     full_bytes = sum(t.numel() * t.element_size() for t in bench.frozen.tensors().values())
@@ -704,6 +727,31 @@ def lc_suite(bench: Bench, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
+HEADLINE = {  # issue 13's table: measure -> (suite, ratio)
+    "k1_slice_bn_head_over_full_step": ("slice_step", "k1_slice_bn_head_over_full_step"),
+    "k8_auto_over_8x_full_step": ("ensemble_step", "k8_auto_over_8x_full"),
+    "vmap_speed_over_loop_k8": ("ensemble_step", "vmap_speed_over_loop"),
+    "lc_fused_x128_over_plain_resnet20": ("lc", "fused_E{e}_over_plain_resnet20"),
+    "mixed_4_block3_adapters_over_4_calls": ("adapters", "mixed_block3_over_separate"),
+    "peak_memory_k8_over_one_model": ("memory", "peak_memory_k8_auto_over_full"),
+}
+
+
+def headline(res: dict) -> dict:
+    """The issue-13 measures found in this run's suites, by name (missing suites are left out)."""
+    out = {}
+    for name, (suite, ratio) in HEADLINE.items():
+        body = res["suites"].get(suite)
+        if body is None:
+            continue
+        if "{e}" in ratio:
+            ratio = ratio.format(e=max(body["config"]["expansions"]))
+        r = body["ratios"][ratio]
+        out[name] = {"value": r["value"], "median_of_paired": r.get("median_of_paired"), "target": r.get("target"),
+                     "met": r.get("met"), "from": f"{suite}.{ratio}"}
+    return out
+
+
 def git_commit() -> dict:
     def run(*cmd):
         try:
@@ -767,6 +815,7 @@ def format_report(res: dict) -> str:
                     lines.append(f"      {op['op']:<40}{op['self_cpu_s']:8.3f}s {100 * op['share']:5.1f}%  x{op['calls']}")
     t = res["targets"]
     lines.append("")
+    lines.append("headline (issue 13): " + ", ".join(f"{k}={v['value']:.3f}" for k, v in res["headline"].items()))
     lines.append(f"targets met: {t['met']}/{t['total']}  " + ", ".join(
         f"{k}={'met' if v else 'MISSED'}" for k, v in t["by_ratio"].items()))
     return "\n".join(lines)
@@ -844,6 +893,7 @@ def main(argv=None) -> dict:
     by_ratio = {f"{s}.{n}": r["met"] for s, b in res["suites"].items() for n, r in b.get("ratios", {}).items()
                 if r.get("met") is not None}
     res["targets"] = {"met": sum(by_ratio.values()), "total": len(by_ratio), "by_ratio": by_ratio}
+    res["headline"] = headline(res)
     write_json(args.out, res)
     print()
     print(format_report(res))

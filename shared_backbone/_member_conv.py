@@ -1,28 +1,97 @@
-"""``member_conv2d``: a conv2d whose vmap rule runs members' convs as one channels_last grouped conv.
+"""Custom ops that run K members' convs and batch norms fast under ``vmap``.
 
-torch's own batching rule for a batched input with a batched weight reshapes to a grouped conv
-in NCHW, which is slow on CPU (most of all its backward). This op's vmap rule lays the grouped
-input out channels_last, where oneDNN's grouped kernels are fast. Outside vmap it is
-``F.conv2d``. The ops its vmap rule runs are ordinary differentiable ops, so autograd through
-a vmapped call needs nothing more; the autograd formula below serves unbatched calls.
+``member_conv2d`` (a whole learned conv), ``split_conv2d`` (a conv whose first rows are learned and
+the rest fixed) and ``member_batch_norm``. Outside ``vmap`` each is the plain torch op. Under
+``vmap`` their batching rules choose how K members' convs run; torch's own rule for a batched
+input with a batched weight reshapes to a grouped conv in NCHW, slow on CPU (its backward most).
+
+Execution strategies for a batched input with batched weights (:data:`CONV_EXECUTIONS`):
+  ``"grouped"``  one grouped conv (K groups) over a channels_last input; a split conv's fixed rows
+                 as one dense conv over K·N samples. What ``"auto"`` picks on CUDA.
+  ``"dense"``    one dense conv per member with its merged weight, inside one op that writes the
+                 ``(N, K, C, H, W)`` layout batch norm reads as ``(N, K·C, H, W)``. ``"auto"`` on CPU
+                 (oneDNN's grouped kernels and its convs with a handful of outputs are slow).
+  ``"loop"``     no batching: each member's unbatched op in turn, stacked (the fallback torch's
+                 rules would otherwise need; also what unusual ``in_dims`` use under every setting).
+Whatever the setting, a shared input with batched weights runs the learned rows of every member
+as one dense conv with K·n outputs and the fixed rows once ("fixed rows once"); an unbatched
+weight runs one dense conv over K·N samples. Every strategy gives the plain module's results;
+``tests/test_ops.py`` runs each against it. Select one with :func:`conv_execution`.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["member_conv2d", "split_conv2d", "member_batch_norm"]
+__all__ = ["member_conv2d", "split_conv2d", "member_batch_norm", "CONV_EXECUTIONS", "conv_execution",
+           "get_conv_execution", "set_conv_execution"]
+
+# -- execution strategy ---------------------------------------------------------------------------
+CONV_EXECUTIONS = ("auto", "grouped", "dense", "loop")
+_setting = {"execution": "auto"}
+
+
+def get_conv_execution() -> str:
+    """The execution strategy the vmap rules use now (one of :data:`CONV_EXECUTIONS`)."""
+    return _setting["execution"]
+
+
+def set_conv_execution(name: str) -> str:
+    """Set the members' conv execution strategy for this process; returns the previous one."""
+    if name not in CONV_EXECUTIONS:
+        raise ValueError(f"conv execution must be one of {CONV_EXECUTIONS}, got {name!r}")
+    old, _setting["execution"] = _setting["execution"], name
+    return old
+
+
+@contextlib.contextmanager
+def conv_execution(name: str) -> Iterator[None]:
+    """Run the block with execution strategy ``name`` (``"auto"``, ``"grouped"``, ``"dense"``, ``"loop"``).
+
+    Applies to calls made (forward) inside the block; autograd's backward follows what the forward ran.
+    """
+    old = set_conv_execution(name)
+    try:
+        yield
+    finally:
+        set_conv_execution(old)
+
+
+def _strategy(x: torch.Tensor) -> str:
+    how = _setting["execution"]
+    if how == "auto":
+        return "grouped" if x.is_cuda else "dense"
+    return how
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    """On CPU, ``t`` (4-d) in channels_last: oneDNN's convs, their weight gradients above all, and batch
+    norm are several times faster there than in NCHW, and element-wise ops keep the layout, so
+    activations stay channels_last from the first member conv on. Elsewhere ``t`` as it is."""
+    if t.device.type == "cpu" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _loop(k: int, op, args: list[tuple[torch.Tensor, int | None]], *rest) -> tuple[torch.Tensor, int]:
+    """Member by member: ``op`` on each member's unbatched tensors (shared ones as they are), stacked on dim 0."""
+    per = [[t] * k if d is None else t.unbind(d) for t, d in args]  # unbind: one stacking backward
+    outs = [op(*(p[i] for p in per), *rest) for i in range(k)]
+    return torch.stack(outs), 0
 
 
 @torch.library.custom_op("shared_backbone::member_conv2d", mutates_args=())
 def _member_conv2d(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int],
                    dilation: list[int]) -> torch.Tensor:
-    return F.conv2d(x, w, None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(w), None, stride, padding, dilation)
 
 
 @_member_conv2d.register_fake
 def _(x, w, stride, padding, dilation):
-    return F.conv2d(x, w, None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(w), None, stride, padding, dilation)
 
 
 def _setup(ctx, inputs, output):
@@ -35,7 +104,7 @@ def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     stride, padding, dilation = ctx.args
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+        _cl(grad), _cl(x), _cl(w), None, stride, padding, dilation, False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
     return gx, gw, None, None, None
 
@@ -46,13 +115,21 @@ _member_conv2d.register_autograd(_backward, setup_context=_setup)
 @_member_conv2d.register_vmap
 def _(info, in_dims, x, w, stride, padding, dilation):
     xd, wd = in_dims[0], in_dims[1]
+    how = _strategy(x)
+    if how == "loop":
+        return _loop(info.batch_size, _member_conv2d, [(x, xd), (w, wd)], stride, padding, dilation)
     if wd is None:  # one weight for every member: a dense conv over K*N samples, in the input's layout
         return _dense_over_members(x, xd, w, stride, padding, dilation)
     w = w.movedim(wd, 0)  # (K, O, C, kh, kw)
     k = w.shape[0]
     if xd is None:  # one input for every member: a dense conv with K*O outputs
-        out = F.conv2d(x, w.flatten(0, 1), None, stride, padding, dilation)
+        out = F.conv2d(_cl(x), _cl(w.flatten(0, 1)), None, stride, padding, dilation)  # (N, K*O, H', W')
+        if how == "dense":
+            return _members_copy(out.unflatten(1, (k, -1)).movedim(1, 0)), 0
         return out.unflatten(1, (k, -1)), 1
+    if how == "dense":  # the split conv's per-member op with no fixed rows, member-major
+        empty = w.new_empty((0, *w.shape[2:]))
+        return _members_split_conv2d(x.movedim(xd, 0), w, empty, list(stride), list(padding), list(dilation)), 0
     x = x.movedim(xd, 1)  # (N, K, C, H, W)
     n, _, c, h, wd_ = x.shape
     xg = x.reshape(n, k * c, h, wd_).contiguous(memory_format=torch.channels_last)
@@ -80,12 +157,12 @@ def member_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, s
 @torch.library.custom_op("shared_backbone::split_conv2d", mutates_args=())
 def _split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: list[int], padding: list[int],
                   dilation: list[int]) -> torch.Tensor:
-    return F.conv2d(x, torch.cat([wl, wf]), None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(torch.cat([wl, wf])), None, stride, padding, dilation)
 
 
 @_split_conv2d.register_fake
 def _(x, wl, wf, stride, padding, dilation):
-    return F.conv2d(x, torch.cat([wl, wf]), None, stride, padding, dilation)
+    return F.conv2d(_cl(x), _cl(torch.cat([wl, wf])), None, stride, padding, dilation)
 
 
 def _split_setup(ctx, inputs, output):
@@ -99,13 +176,15 @@ def _split_backward(ctx, grad):
     x, wl, wf = ctx.saved_tensors
     stride, padding, dilation = ctx.args
     n = wl.shape[0]
+    grad, x = _cl(grad), _cl(x)
     gx = gwl = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.aten.convolution_backward(
-            grad, x, torch.cat([wl, wf]), None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
-    if ctx.needs_input_grad[1]:
+            grad, x, _cl(torch.cat([wl, wf])), None, stride, padding, dilation, False, [0, 0], 1,
+            [True, False, False])[0]
+    if ctx.needs_input_grad[1]:  # channels_last: oneDNN's weight gradient of a few rows is cheap only there
         gwl = torch.ops.aten.convolution_backward(
-            grad[:, :n].contiguous(), x, wl, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+            _cl(grad[:, :n]), x, _cl(wl), None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
     return gx, gwl, None, None, None, None
 
 
@@ -115,22 +194,24 @@ _split_conv2d.register_autograd(_split_backward, setup_context=_split_setup)
 @_split_conv2d.register_vmap
 def _(info, in_dims, x, wl, wf, stride, padding, dilation):
     xd, ld, fd = in_dims[0], in_dims[1], in_dims[2]
-    if fd is not None or ld is None:  # unusual: batched fixed rows or unbatched learned ones
-        k = info.batch_size
-        x = x.movedim(xd, 0) if xd is not None else x.expand(k, *x.shape)
-        wl = wl.movedim(ld, 0) if ld is not None else wl.expand(k, *wl.shape)
-        wf = wf.movedim(fd, 0) if fd is not None else wf.expand(k, *wf.shape)
-        out = torch.stack([F.conv2d(x[i], torch.cat([wl[i], wf[i]]), None, stride, padding, dilation) for i in range(k)])
-        return out, 0
+    how = _strategy(x)
+    if how == "loop" or fd is not None or ld is None:  # or unusual: batched fixed rows, unbatched learned ones
+        return _loop(info.batch_size, _split_conv2d, [(x, xd), (wl, ld), (wf, fd)], stride, padding, dilation)
     wl = wl.movedim(ld, 0)  # (K, n, C, kh, kw)
     k = wl.shape[0]
     if xd is None:  # shared input: learned rows of all members in one dense conv, fixed rows once
-        out_l = F.conv2d(x, wl.flatten(0, 1), None, stride, padding, dilation).unflatten(1, (k, -1))  # (N, K, n, H, W)
-        out_f = F.conv2d(x, wf, None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
-        return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1
+        out_l = F.conv2d(_cl(x), _cl(wl.flatten(0, 1)), None, stride, padding, dilation).unflatten(1, (k, -1))
+        out_f = F.conv2d(_cl(x), _cl(wf), None, stride, padding, dilation).unsqueeze(1)  # (N, 1, c-n, H, W)
+        if how == "dense":  # member-major: (K, N, c, H', W'), each member's block channels_last on CPU
+            nl = out_l.shape[2]
+            out = _members_empty(k, out_f[:, 0], out_l.shape[2] + out_f.shape[2])
+            out[:, :, :nl] = out_l.movedim(1, 0)
+            out[:, :, nl:] = out_f.movedim(1, 0)
+            return out, 0
+        return torch.cat([out_l, out_f.expand(-1, k, -1, -1, -1)], dim=2), 1  # (N, K, c, H', W')
+    if how == "dense":  # oneDNN: dense convs per member beat a grouped conv
+        return _members_split_conv2d(x.movedim(xd, 0), wl, wf, list(stride), list(padding), list(dilation)), 0
     x = x.movedim(xd, 1)  # (N, K, C, H, W)
-    if not x.is_cuda:  # oneDNN: dense convs per member beat a grouped conv
-        return _members_split_conv2d(x, wl, wf, list(stride), list(padding), list(dilation)), 1
     n, _, c, h, w = x.shape
     xg = x.reshape(n, k * c, h, w).contiguous(memory_format=torch.channels_last)
     out_l = F.conv2d(xg, wl.flatten(0, 1), None, stride, padding, dilation, k).unflatten(1, (k, -1))  # (N, K, n, ...)
@@ -142,28 +223,44 @@ def _(info, in_dims, x, wl, wf, stride, padding, dilation):
 @torch.library.custom_op("shared_backbone::members_split_conv2d", mutates_args=())
 def _members_split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: list[int],
                           padding: list[int], dilation: list[int]) -> torch.Tensor:
-    """Every member's split conv on ``(N, K, C, H, W)`` input, laid out for CPU kernels.
+    """Every member's split conv on member-major ``(K, N, C, H, W)`` input, laid out for CPU kernels.
 
-    On oneDNN a conv with a handful of output channels (the learned rows) costs as much as the
-    whole layer, and grouped convs are slower still, so each member runs one dense conv with its
-    merged weight, writing into an ``(N, K, c_out, H', W')`` output: batch norm, ReLU and residual
-    adds then meet one contiguous layout (see :func:`member_batch_norm`).
+    On oneDNN a grouped conv is slow, so each member runs one dense conv with its merged weight on its
+    own block ``x[k]`` (channels_last on CPU: no copy when the input came from this op), writing into a
+    member-major output whose blocks are channels_last too: batch norm, ReLU and residual adds then
+    meet one layout end to end, the one the member loop runs in. Shape: ``-> (K, N, c_out, H', W')``.
     """
-    n_, k = x.shape[:2]
+    k = x.shape[0]
     out = None
     for i in range(k):
-        o = F.conv2d(x[:, i], torch.cat([wl[i], wf]), None, stride, padding, dilation)
+        o = F.conv2d(_cl(x[i]), _cl(torch.cat([wl[i], wf])), None, stride, padding, dilation)
         if out is None:
-            out = o.new_empty(n_, k, *o.shape[1:])
-        out[:, i] = o
+            out = _members_empty(k, o)
+        out[i] = o
     return out
 
 
 @_members_split_conv2d.register_fake
 def _(x, wl, wf, stride, padding, dilation):
-    n_, k = x.shape[:2]
-    out = F.conv2d(x[:, 0], torch.cat([wl[0], wf]), None, stride, padding, dilation)
-    return out.new_empty(n_, k, *out.shape[1:])
+    o = F.conv2d(_cl(x[0]), _cl(torch.cat([wl[0], wf])), None, stride, padding, dilation)
+    return _members_empty(x.shape[0], o)
+
+
+def _members_empty(k: int, like: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """An empty member-major ``(K, N, C, H, W)`` tensor shaped like ``like`` (N, C, H, W) per member,
+    each member's block channels_last on CPU (contiguous elsewhere)."""
+    n, c, h, w = like.shape
+    c = c if channels is None else channels
+    if like.device.type == "cpu":  # not a permuted view: autograd lets in-place ops (ReLU) write into it
+        return like.new_empty_strided((k, n, c, h, w), (n * h * w * c, h * w * c, 1, w * c, c))
+    return like.new_empty((k, n, c, h, w))
+
+
+def _members_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (K, N, C, H, W) copied into the member-major layout of :func:`_members_empty`."""
+    out = _members_empty(t.shape[0], t[0])
+    out.copy_(t)
+    return out
 
 
 def _members_setup(ctx, inputs, output):
@@ -178,17 +275,17 @@ def _members_backward(ctx, grad):
     stride, padding, dilation = ctx.args
     k, nl = wl.shape[:2]
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    gx = _members_empty(k, x[0]) if need_x else None
     gwl = torch.empty_like(wl) if need_w else None
     for i in range(k):
-        gi, xi = grad[:, i].contiguous(), x[:, i].contiguous()
+        gi, xi = _cl(grad[i]), _cl(x[i])
         if need_x:
-            gx[:, i] = torch.ops.aten.convolution_backward(
-                gi, xi, torch.cat([wl[i], wf]), None, stride, padding, dilation, False, [0, 0], 1,
+            gx[i] = torch.ops.aten.convolution_backward(
+                gi, xi, _cl(torch.cat([wl[i], wf])), None, stride, padding, dilation, False, [0, 0], 1,
                 [True, False, False])[0]
         if need_w:
             gwl[i] = torch.ops.aten.convolution_backward(
-                gi[:, :nl].contiguous(), xi, wl[i], None, stride, padding, dilation, False, [0, 0], 1,
+                _cl(gi[:, :nl]), xi, _cl(wl[i]), None, stride, padding, dilation, False, [0, 0], 1,
                 [False, True, False])[1]
     return gx, gwl, None, None, None, None
 
@@ -240,7 +337,9 @@ def _bn_backward(ctx, grad, _gmean, _ginvstd):
     x, w, rm, rv, mean, invstd = ctx.saved_tensors
     training, eps = ctx.args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(), x, w, rm, rv, mean, invstd,
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(memory_format=fmt), x, w, rm, rv, mean, invstd,
                                                             training, eps, mask)
     return gx, gw, gb, None, None, None, None
 
@@ -261,12 +360,68 @@ def _(info, in_dims, x, w, b, rm, rv, training, eps):
     xd, wd, bd, md, vd = in_dims[:5]
     x = x.movedim(xd, 1) if xd is not None else x.unsqueeze(1).expand(-1, k, *x.shape[1:])  # (N, K, C, ...)
     n, _, c, *rest = x.shape
+    if x.stride(1) != c * x.stride(2):  # members' channels not side by side (member-major): one per member
+        per = [None if t is None else t.movedim(d, 0) if d is not None else t.expand(k, *t.shape)
+               for t, d in ((w, wd), (b, bd), (rm, md), (rv, vd))]
+        out, mean, invstd = _members_batch_norm(x.movedim(1, 0), *per, training, eps)  # (K, N, C, ...)
+        return (out, mean, invstd), (0, 0 if training else None, 0 if training else None)
     x2 = x.reshape(n, k * c, *rest)  # a view when the members' channels already sit side by side
     out, mean, invstd = torch.ops.aten.native_batch_norm(
         x2, _per_member(w, wd, k), _per_member(b, bd, k), _per_member(rm, md, k), _per_member(rv, vd, k),
         training, 0.0, eps)
     stats = (mean.view(k, c), invstd.view(k, c)) if training else (mean, invstd)
     return (out.view(n, k, c, *rest), *stats), (1, 0 if training else None, 0 if training else None)
+
+
+@torch.library.custom_op("shared_backbone::members_batch_norm", mutates_args=())
+def _members_batch_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rm: torch.Tensor | None,
+                        rv: torch.Tensor | None, training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """Every member's batch norm on member-major ``(K, N, C, H, W)`` input, written in place member by
+    member (no stacking copy), each block in its input's layout. ``w``, ``b``, ``rm``, ``rv``: ``(K, C)``."""
+    k = x.shape[0]
+    out = torch.empty_like(x)  # x's strides: each member's block in its input's layout (native_batch_norm.out needs it)
+    c = x.shape[2] if training else 0
+    mean, invstd = w.new_empty(k, c), w.new_empty(k, c)  # the parameters' dtype (float32 under bf16 autocast)
+    for i in range(k):
+        torch.ops.aten.native_batch_norm.out(x[i], w[i], b[i], None if rm is None else rm[i],
+                                             None if rv is None else rv[i], training, 0.0, eps,
+                                             out=out[i], save_mean=mean[i], save_invstd=invstd[i])
+    return out, mean, invstd
+
+
+@_members_batch_norm.register_fake
+def _(x, w, b, rm, rv, training, eps):
+    k = x.shape[0]
+    c = x.shape[2] if training else 0
+    return torch.empty_like(x), w.new_empty(k, c), w.new_empty(k, c)
+
+
+def _members_bn_setup(ctx, inputs, output):
+    x, w, b, rm, rv, training, eps = inputs
+    ctx.save_for_backward(x, w, rm, rv, output[1], output[2])
+    ctx.args = (training, eps)
+
+
+def _members_bn_backward(ctx, grad, _gmean, _ginvstd):
+    x, w, rm, rv, mean, invstd = ctx.saved_tensors
+    training, eps = ctx.args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    k = x.shape[0]
+    # every gradient is written in place (the .out kernel needs all three; unneeded ones are dropped)
+    gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+    for i in range(k):
+        xi = x[i]
+        fmt = torch.channels_last if xi.dim() == 4 and not xi.is_contiguous() and xi.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        torch.ops.aten.native_batch_norm_backward.out(
+            grad[i].contiguous(memory_format=fmt), xi, w[i], None if rm is None else rm[i],
+            None if rv is None else rv[i], mean[i], invstd[i], training, eps, [True, True, True],
+            out0=gx[i], out1=gw[i], out2=gb[i])
+    return (gx if mask[0] else None), (gw if mask[1] else None), (gb if mask[2] else None), None, None, None, None
+
+
+_members_batch_norm.register_autograd(_members_bn_backward, setup_context=_members_bn_setup)
 
 
 def member_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,

@@ -310,6 +310,7 @@ class AdapterBank(nn.Module):
         ids = self.task_ids(tasks, x.shape[0]).to(x.device)
         stack, widths = self._mixed_stack(x.device)
         stack.check_input(x)
+        x = stack.prefix(x)  # the stages no task owns, once over the whole batch (none when prefixes differ)
         present = torch.unique(ids)  # sorted task indices in this batch
         local = torch.full((len(self),), -1, dtype=torch.int64, device=x.device)
         local[present] = torch.arange(len(present), device=x.device)
@@ -344,7 +345,13 @@ class AdapterBank(nn.Module):
             layout = resolve(spec, view.backbone)
         except ValueError as err:
             raise ValueError(f"these tasks' slices cannot run in one mixed batch: {err}") from err
-        stack = MemberStack(view, layout, len(adapters), data="own")  # type: ignore[arg-type]
+        # the leading stages no task learns run once for the whole batch when every task normalises
+        # them with the same statistics (tasks keep their own; after training on their own data they differ)
+        stack = MemberStack(view, layout, len(adapters), data="shared")  # type: ignore[arg-type]
+        prefix_stats = stack.shared_stats.as_dict()
+        stats = [a.stats_of(0) for a in adapters]
+        if any(not torch.equal(st[n], t) for st in stats for n, t in prefix_stats.items()):
+            stack = MemberStack(view, layout, len(adapters), data="own")  # type: ignore[arg-type]
         for i, a in enumerate(adapters):
             stack.set_member(i, _union_slice(a, layout, view, c_max), a.stats_of(0))
         stack = stack.to(device).eval()

@@ -12,9 +12,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .frozen import FrozenBackbone, init_module
 from .slices import SliceLayout, SliceSpec, resolve
+from ._member_conv import CONV_EXECUTIONS, conv_execution
 from ._split import build_template, merge_param, template_key
 
-__all__ = ["Ensemble", "MemberStack"]
+__all__ = ["Ensemble", "MemberStack", "CONV_EXECUTIONS", "conv_execution"]
 
 _BN = nn.modules.batchnorm._NormBase
 _DATA_MODES = ("shared", "own")
@@ -209,7 +210,7 @@ class MemberStack(nn.Module):
         h_dim = 0 if per_member else None
         try:
             if vectorized:
-                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim),
+                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim), chunk_size=_vmap_chunk(self.members, h),
                           randomness="different" if self._has_dropout else "error")
                 return fn(slices, stats, h)
             outs = []
@@ -250,6 +251,22 @@ def _check_stack_size(members: int, slices: list[torch.Tensor], stats: list[torc
         raise ValueError(f"members={members:,} x {per_member:,} learned values and statistics each is past the "
                          f"limits (K <= {LIMITS.max_members:,}, K x slice <= {LIMITS.max_parameters:,}); raise "
                          "shared_backbone.schema.LIMITS to build it on purpose")
+
+
+CPU_VMAP_CHUNK = 4  # members per vmapped chunk on CPU
+
+
+def _vmap_chunk(k: int, h: torch.Tensor) -> int | None:
+    """Members per ``vmap`` chunk: on CPU about ``CPU_VMAP_CHUNK``, so a layer's K-member activations
+    stay small enough for the cache (the element-wise ops over all K members' activations are what
+    makes an unchunked vmap slower than the member loop there); never a chunk of one member (a
+    size-1 vmap's conv backward once corrupted the heap). ``None`` (one call) elsewhere."""
+    if h.device.type != "cpu" or k <= CPU_VMAP_CHUNK:
+        return None
+    chunk = -(-k // -(-k // CPU_VMAP_CHUNK))  # chunks as even as they can be
+    while k % chunk == 1:
+        chunk += 1
+    return chunk
 
 
 def _rows(t: torch.Tensor, sl) -> torch.Tensor:

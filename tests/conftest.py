@@ -43,3 +43,19 @@ def tiny_resnet20(make_resnet20):
 def tiny_frozen(tiny_resnet20):
     """``tiny_resnet20`` frozen at seed 0 with the default init."""
     return sb.FrozenBackbone(tiny_resnet20, seed=0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device for the tests that take the `device` fixture (tests/test_ops.py): cpu or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device ``--device`` names (default cpu); CUDA asked for but missing is an error, not a skip."""
+    name = request.config.getoption("--device")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise pytest.UsageError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name} asked for, but torch.cuda.is_available() is False")
+    return torch.device(name)

@@ -387,8 +387,8 @@ def test_bench_adapters_suite_quick(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1", "--only", "adapters", "--out", str(out)])
     body = json.loads(out.read_text())["suites"]["adapters"]
-    assert set(body["cases"]) == {"mixed_4tasks", "separate_4x"}
-    assert body["ratios"]["separate_over_mixed"]["value"] > 0
+    assert set(body["cases"]) == {"mixed_4tasks", "separate_4x", "mixed_4tasks_block3", "separate_4x_block3"}
+    assert body["ratios"]["separate_over_mixed"]["value"] > 0 and body["ratios"]["mixed_block3_over_separate"]["value"] > 0
     st = body["storage"]
     assert len(st["per_task"]) == 4 and 0 < st["mean_adapter_over_full"] < 1
 

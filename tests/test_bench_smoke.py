@@ -26,9 +26,11 @@ def test_bench_quick_writes_json(tmp_path):
     for key in ("torch", "device", "threads", "date", "config", "git", "repeats", "warmup", "suites", "targets"):
         assert key in res
     want = {
-        "slice_step": ({"full_K1", "filters0.1_K1"}, {"slice_over_full"}),
+        "slice_step": ({"full_K1", "filters0.1_K1", "filters0.1_bn_head_K1", "full_plain_x1"},
+                       {"slice_over_full", "k1_slice_bn_head_over_full_step"}),
         "ensemble_step": ({"vmap", "loop", "naive_loop", "full_plain_x1"},
-                          {"naive_loop_over_vmap", "loop_over_vmap", "vmap_over_8x_full"}),
+                          {"naive_loop_over_vmap", "loop_over_vmap", "vmap_over_8x_full", "k8_auto_over_8x_full",
+                           "vmap_speed_over_loop"}),
         "shared_prefix": ({"head_K8", "block3_K8", "full_plain_x1"}, {"head_K8_over_full", "block3_K8_over_full"}),
     }
     for suite, (cases, ratios) in want.items():
@@ -39,7 +41,11 @@ def test_bench_quick_writes_json(tmp_path):
             assert c["median_s"] > 0 and len(c["all_s"]) == 1
         for r in body["ratios"].values():
             assert r["value"] > 0
-    assert res["targets"]["total"] == 5
+    assert res["targets"]["total"] == 8
+    assert set(res["headline"]) == {"k1_slice_bn_head_over_full_step", "k8_auto_over_8x_full_step",
+                                    "vmap_speed_over_loop_k8"}
+    auto = res["suites"]["ensemble_step"]["ratios"]["k8_auto_over_8x_full"]
+    assert auto["definition"].startswith("loop" if res["device"] == "cpu" else "vmap")
 
 
 def test_bench_rejects_unknown_suite():

@@ -190,26 +190,28 @@ def test_concurrent_reader_never_sees_a_mixed_ensemble(tmp_path):
     want = {"a": _slices(a), "b": _slices(b)}
     d = tmp_path / "ens"
     save_ensemble(a, d)
+    stop = tmp_path / "stop"
     pid = os.fork()
-    if pid == 0:  # writer: alternate the two ensembles for ~2 s
+    if pid == 0:  # writer: alternate the two ensembles until the reader has seen both (30 s at most)
         try:
-            end = time.monotonic() + 2.0
+            end = time.monotonic() + 30.0
             i = 0
-            while time.monotonic() < end:
+            while time.monotonic() < end and not stop.exists():
                 save_ensemble(b if i % 2 == 0 else a, d)
                 i += 1
         finally:
             os._exit(0)
     loads, kinds = 0, set()
-    try:
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:
+    try:  # at least 2 s of reading, then on until both saves were seen whole (bounded: a slow machine)
+        start = time.monotonic()
+        while time.monotonic() - start < 2.0 or (kinds != {"a", "b"} and time.monotonic() - start < 30.0):
             got = _slices(load_ensemble(d))
             kind = next((k for k, w in want.items() if _same(got, w)), "mixed")
             assert kind != "mixed", f"load {loads} mixed two saves"
             kinds.add(kind)
             loads += 1
     finally:
+        stop.touch()
         os.waitpid(pid, 0)
     assert loads >= 5 and kinds == {"a", "b"}
 
