@@ -5,11 +5,17 @@
     python scripts/reproduce_lc.py --table3                  # checkpoint sizes (Table 3's last column)
     python scripts/reproduce_lc.py --expansions 1,4,16 --epochs 1 --train-subset 5000 --test-subset 2000
     python scripts/reproduce_lc.py --sharing global,recycled ...  # adds frozen arms with shared spatial weights
+    python scripts/reproduce_lc.py --paper --epochs 15 --expansions 1,8,128 --frozen-only --learned-resnet \
+        --train-subset 0 --test-subset 0 --out runs/lc --resume   # long: rerun the same command to continue
 
 Training (Figure 1): LCResNet-20-{W}x{E} on Fashion-MNIST with one recipe for every arm: "learned"
 trains everything (Full()), "frozen" only the 1x1s, BN and head (Pointwise()+BatchNorm()+Head()) over
 frozen random spatial filters. Writes JSON, a Figure-1-style plot and the stem's reconstructed
-filters for every E (Figure 12), plus FVE and FGSM (eps=1/255) of every model.
+filters for every E (Figure 12), plus FVE and FGSM (eps=1/255) of every model. ``--learned-resnet``
+adds the plain learned ResNet-20-{W} (Full()) the paper compares against.
+
+Every arm's row (and its stem filters) is saved under ``OUT/arms/<arm>_E<e>/`` as the arm finishes,
+and fit() checkpoints inside the arm; ``--resume`` keeps finished arms and continues the unfinished one.
 """
 from __future__ import annotations
 
@@ -25,11 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared_backbone import BatchNorm, FrozenBackbone, Full, Head, Pointwise, build_backbone, resolve  # noqa: E402
-from shared_backbone.io import write_json  # noqa: E402
+from shared_backbone.io import load_tensors, save_tensors, write_json  # noqa: E402
 from shared_backbone.lc import pointwise_weights, prune_pointwise, save_sparse  # noqa: E402
 from shared_backbone.train import TrainConfig  # noqa: E402
+from _resume import ArmStore  # noqa: E402
 
 FROZEN_SPEC = Pointwise() + BatchNorm() + Head()
 
@@ -106,32 +114,42 @@ def format_table3(rows: list[dict], title: str) -> str:
 
 
 # -- Figure 1: accuracy vs E ---------------------------------------------------------------------------
-def run_arm(arm: str, expansion: int, args, config: TrainConfig) -> dict:
+RESNET_ARM = "learned_resnet"  # the plain ResNet (no LC-Blocks), everything learned
+
+
+def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path | None = None) -> dict:
+    from shared_backbone.lc import LCConv2d
     from shared_backbone.lc_analysis import fgsm_accuracy, fve_report, reconstructed_filters
     from shared_backbone.recipes import load_train_test, train_ensemble
 
-    sharing = "none" if arm == "learned" else (arm.split("_", 1)[1] if "_" in arm else "none")
-    spec = Full() if arm == "learned" else FROZEN_SPEC
-    bcfg = {"width": args.width, "expansion": expansion, "sharing": sharing}
+    learned = arm in ("learned", RESNET_ARM)
+    sharing = "none" if learned else (arm.split("_", 1)[1] if "_" in arm else "none")
+    spec = Full() if learned else FROZEN_SPEC
+    if arm == RESNET_ARM:
+        backbone, bcfg = args.backbone.replace("lcresnet", "resnet"), {"width": args.width}
+    else:
+        backbone, bcfg = args.backbone, {"width": args.width, "expansion": expansion, "sharing": sharing}
     if sharing == "recycled":
         bcfg["share_fraction"] = args.share_fraction
-    ens, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg=bcfg, config=config,
+    ens, report, _ = train_ensemble(spec, members=1, backbone=backbone, backbone_cfg=bcfg, config=config,
                                     train_subset=args.train_subset or None, test_subset=args.test_subset or None,
-                                    seed=args.seed, ood=None, progress=not args.no_progress)
+                                    seed=args.seed, ood=None, progress=not args.no_progress, out_dir=out_dir,
+                                    resume=args.resume, checkpoint_every=args.checkpoint_every if out_dir else None)
     member = ens.member(0).eval()
     _, test, _ = load_train_test("fashion_mnist", args.train_subset or None, args.test_subset or None, args.seed)
     fve = fve_report(member)
     norm = [v["normalized_fve"] for v in fve.values() if v["normalized_fve"] is not None]
     return {
-        "arm": arm, "expansion": expansion, "sharing": sharing, "spec": repr(spec),
+        "arm": arm, "backbone": backbone, "expansion": expansion, "sharing": sharing, "spec": repr(spec),
         "test_accuracy": report["metrics"]["accuracy"], "test_nll": report["metrics"]["nll"],
         "learned": report["params"]["learned_per_member"], "total": report["params"]["backbone_total"],
         "train_seconds": report["train"]["train_seconds"],
         "fgsm": fgsm_accuracy(member, test, eps=1 / 255),
         "mean_normalized_fve": sum(norm) / len(norm) if norm else None,
         "stem_fve": fve.get("stages.stem.0"),
-        "pruned": [_pruned_accuracy(member, test, rho) for rho in args.prune_ratios] if arm != "learned" else [],
-        "_stem_filters": reconstructed_filters(member.stages.stem[0]),
+        "pruned": [_pruned_accuracy(member, test, rho) for rho in args.prune_ratios] if not learned else [],
+        "_stem_filters": (reconstructed_filters(stem) if isinstance(stem := member.stages.stem[0], LCConv2d)
+                          else stem.weight.detach().clone()),
         "_member": member,
     }
 
@@ -180,7 +198,10 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
 
     fig = new_figure((5.5, 4))
     ax = fig.subplots()
-    for arm in dict.fromkeys(r["arm"] for r in rows):
+    for r in rows:
+        if r["arm"] == RESNET_ARM:
+            ax.axhline(100 * r["test_accuracy"], color="gray", ls="--", label=f"learned {r['backbone']}")
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != RESNET_ARM):
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["expansion"])
         ax.plot([r["expansion"] for r in rs], [100 * r["test_accuracy"] for r in rs], "o-", label=arm)
     ax.set_xscale("log", base=2)
@@ -202,6 +223,13 @@ def main(argv=None) -> dict:
                          "comma-separated list (global,recycled)")
     ap.add_argument("--share-fraction", type=float, default=1 / 16)
     ap.add_argument("--frozen-only", action="store_true", help="skip the arm that learns its spatial filters")
+    ap.add_argument("--learned-resnet", action="store_true",
+                    help="also train the plain ResNet of the same depth and width, everything learned (once)")
+    ap.add_argument("--paper", action="store_true",
+                    help="TrainConfig.paper()'s batch 256, lr 1e-2, weight decay 1e-2 (overrides those three)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep finished arms (OUT/arms/*/row.json) and continue an unfinished one from its checkpoint")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between mid-epoch checkpoints")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=5000, help="0 = all 60,000")
     ap.add_argument("--test-subset", type=int, default=2000, help="0 = all 10,000")
@@ -244,6 +272,11 @@ def main(argv=None) -> dict:
         ap.error(f"--prune must be comma-separated numbers in [0, 1), got {args.prune!r}")
     if any(not 0 <= r < 1 for r in args.prune_ratios):
         ap.error(f"--prune ratios must be in [0, 1), got {args.prune!r}")
+    if args.checkpoint_every < 1:
+        ap.error(f"--checkpoint-every must be a number of steps >= 1, got {args.checkpoint_every}")
+    if args.paper:
+        paper = TrainConfig.paper()
+        args.batch_size, args.lr, args.weight_decay = paper.batch_size, paper.lr, paper.weight_decay
     expansions = [int(e) for e in args.expansions.split(",") if e.strip()]
     if not expansions or min(expansions) < 1:
         ap.error(f"--expansions must be integers >= 1, got {args.expansions!r}")
@@ -255,20 +288,29 @@ def main(argv=None) -> dict:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, precise_bn=args.precise_bn,
                          l1_pointwise=args.l1)
+    store = ArmStore(out, {k: v for k, v in vars(args).items()
+                           if k not in ("out", "threads", "no_progress", "resume", "table1", "table3")}, args.resume)
+    todo = ([(RESNET_ARM, 1)] if args.learned_resnet else []) + [(arm, e) for e in expansions for arm in arms]
     rows, filters = [], {}
-    for e in expansions:
-        for arm in arms:
-            r = run_arm(arm, e, args, config)
+    for arm, e in todo:
+        name = f"{arm}_E{e}"
+        r = store.done(name)
+        if r is None:
+            r = run_arm(arm, e, args, config, store.arm_dir(name))
             f = r.pop("_stem_filters")
             member = r.pop("_member")
+            save_tensors(store.arm_dir(name) / "stem_filters.safetensors", {"filters": f})
             if arm == "frozen" and e == expansions[-1]:
                 from shared_backbone.lc_analysis import plot_pointwise_histograms
 
                 plot_pointwise_histograms(member, out / f"pointwise_histograms_E{e}.png")
-            if arm != "learned" or e == expansions[-1]:
-                filters[f"{arm} E={e}"] = f
-            rows.append(r)
-            write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
+            store.finish(name, r)
+        else:
+            f = load_tensors(store.arm_dir(name) / "stem_filters.safetensors")[0]["filters"]
+        if arm not in ("learned", RESNET_ARM) or e == expansions[-1]:
+            filters[f"{arm} E={e}"] = f
+        rows.append(r)
+        write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
     plot_accuracy(rows, out / "accuracy_vs_expansion.png")
     if args.prune_ratios:
         plot_pruning(rows, out / "pruning.png", args.l1)

@@ -2,6 +2,8 @@
 """The partial-learning comparison on Fashion-MNIST: the same recipe for every slice kind.
 
     python scripts/reproduce_partial.py --epochs 2 --train-subset 10000
+    python scripts/reproduce_partial.py --epochs 15 --spec "Filters(0.1)+BatchNorm()+Head()" --spec "Full()" \
+        --out runs/partial.json --resume      # long: rerun the same command to continue after an interruption
 
 Trains one model per spec (fully trained; 10% of filters with the rest random or zero, plus
 BN and head; BN + head; head only), prints a table of test accuracy and learned parameters
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +23,9 @@ from shared_backbone import BatchNorm, Filters, Full, Head, parse_spec
 from shared_backbone.io import write_json
 from shared_backbone.recipes import train_ensemble
 from shared_backbone.train import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _resume import ArmStore  # noqa: E402
 
 DEFAULT_SPECS = [Full(), Filters(0.1) + BatchNorm() + Head(), Filters(0.1, fixed="zero") + BatchNorm() + Head(),
                  BatchNorm() + Head(), Head()]
@@ -37,25 +44,44 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="results/partial.json")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep finished specs' rows and continue an unfinished one from its last checkpoint "
+                         "(work directory: --out without .json, plus _arms)")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between mid-epoch checkpoints")
     args = ap.parse_args(argv)
+    if args.checkpoint_every < 1:
+        ap.error(f"--checkpoint-every must be a number of steps >= 1, got {args.checkpoint_every}")
     torch.set_num_threads(args.threads)
     specs = [parse_spec(s) for s in args.spec] if args.spec else DEFAULT_SPECS
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    out = Path(args.out)
+    store = ArmStore(out.with_name(out.stem + "_arms"), _settings(args), args.resume)
     rows = []
-    for spec in specs:
-        _, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg={"width": args.width},
-                                      config=config, train_subset=args.train_subset or None, seed=args.seed,
-                                      ood=None, progress=not args.no_progress)
-        rows.append({"spec": repr(spec), "test_accuracy": report["metrics"]["accuracy"],
-                     "test_nll": report["metrics"]["nll"], "learned": report["params"]["learned_per_member"],
-                     "total": report["params"]["backbone_total"], "train_seconds": report["train"]["train_seconds"]})
-        write_json(Path(args.out), {"args": vars(args), "rows": rows})
+    for i, spec in enumerate(specs):
+        name = f"{i}_" + re.sub(r"[^A-Za-z0-9.]+", "_", repr(spec)).strip("_")  # 1_Filters_0.1_BatchNorm_Head
+        row = store.done(name)
+        if row is None:
+            _, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg={"width": args.width},
+                                          config=config, train_subset=args.train_subset or None, seed=args.seed,
+                                          ood=None, progress=not args.no_progress, out_dir=store.arm_dir(name),
+                                          resume=args.resume, checkpoint_every=args.checkpoint_every)
+            row = store.finish(name, {
+                "spec": repr(spec), "test_accuracy": report["metrics"]["accuracy"],
+                "test_nll": report["metrics"]["nll"], "learned": report["params"]["learned_per_member"],
+                "total": report["params"]["backbone_total"], "train_seconds": report["train"]["train_seconds"]})
+        rows.append(row)
+        write_json(out, {"args": vars(args), "rows": rows})
     print(f"\n{'spec':<52}{'test acc':>10}{'learned':>12}{'of total':>10}{'train s':>9}")
     for r in rows:
         print(f"{r['spec']:<52}{r['test_accuracy']:>10.4f}{r['learned']:>12,}{r['learned'] / r['total']:>10.2%}"
               f"{r['train_seconds']:>9.0f}")
     print(f"\nJSON: {args.out}")
     return rows
+
+
+def _settings(args) -> dict:
+    """What every arm's training depends on (not where it writes, threads or progress bars)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "threads", "no_progress", "resume")}
 
 
 if __name__ == "__main__":
