@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["inference_flops", "FORMULAS", "NOT_COUNTED"]
+__all__ = ["inference_flops", "FORMULAS", "NOT_COUNTED", "REGISTERED"]
 
 log = logging.getLogger(__name__)
 
