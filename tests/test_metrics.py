@@ -161,7 +161,7 @@ def test_fpr_ood_positive_matches_torch_uncertainty():
         conf = -torch.cat([s_in, s_out])  # their confidence: higher = more OOD
         target = torch.cat([torch.zeros(200), torch.ones(150)]).long()
         ref = float(fpr._fprx_compute(conf, target, recall_level=0.95, pos_label=1))
-        assert M.fpr_at_95_tpr(s_in, s_out, positive="ood") == pytest.approx(ref, abs=1e-12)
+        assert M.fpr_at_95_tpr(s_in, s_out, positive="ood") == pytest.approx(ref, abs=1e-6)  # theirs: float32
 
 
 def test_ensemble_nll_is_exact_where_the_old_clamp_under_reported():
