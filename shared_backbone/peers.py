@@ -176,6 +176,72 @@ def _steps_in(budget: float, per_step: float) -> int:
     return max(1, int(budget / per_step))
 
 
+def _row(arm: str, label: str, predictor: Callable, k: int, steps: int, seconds: float, stored: int, flops: float,
+         test: TensorData, ood: TensorData | None) -> dict:
+    """One table row: the arm's costs and :func:`evaluate_ensemble` of its ``(K, N, C)`` logits."""
+    m = evaluate_ensemble(predictor(test), test.y.cpu(), predictor(ood) if ood is not None else None)
+    row = {"arm": arm, "label": label, "members": k, "steps": steps, "train_seconds": seconds,
+           "flops_per_image": flops, "bytes_stored": stored,
+           **{key: m[key] for key in ("accuracy", "nll", "ece", "brier", "mean_member_accuracy", "disagreement")}}
+    if ood is not None:
+        for key in ("ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob",
+                    "ood_fpr95_ood_positive_max_prob"):
+            row[key] = m[key]
+        if k == 1:
+            row["ood_auroc_mutual_info"] = None  # one model has no mutual information
+    log.info("%s: accuracy %.4f in %.0f s", label, row["accuracy"], seconds)
+    return row
+
+
+def _cheap_arm(train, backbone, bcfg, spec, members, warm_start_epochs, cfg, progress):
+    """The library's ensemble for ``cfg.epochs``: ``(model, steps, seconds incl. warm start, bytes stored)``."""
+    t0 = time.perf_counter()
+    if warm_start_epochs:
+        from .recipes import warm_start
+
+        frozen = warm_start(backbone, bcfg, train, warm_start_epochs, cfg, cfg.seed, progress)
+    else:
+        frozen = FrozenBackbone(build_backbone(backbone, **bcfg), seed=cfg.seed)
+    ens = Ensemble(frozen, spec, members=members, member_init="backbone" if warm_start_epochs else "random",
+                   seed=cfg.seed, data="own" if warm_start_epochs else "shared")
+    record = fit(ens, train, None, cfg, progress=progress)
+    seconds = time.perf_counter() - t0
+    stored = members * describe(frozen, spec, members=members, verbose=False)["stored_bytes"]
+    stored += state_bytes(frozen.backbone) if warm_start_epochs else 0  # a trained backbone must be stored
+    return ens, record["steps"], seconds, stored
+
+
+def _full_arm(train, backbone, bcfg, k, budget, cfg, progress):
+    """K full models (fit(), Full()) for the steps that fit in ``budget``: ``(model, steps, seconds, bytes)``."""
+    def build():
+        frozen = FrozenBackbone(build_backbone(backbone, **bcfg), seed=cfg.seed)
+        return Ensemble(frozen, Full(), members=k, seed=cfg.seed, vectorized=torch.cuda.is_available())
+
+    probe = replace(cfg, epochs=1, max_steps_per_epoch=_CALIBRATION_STEPS + 1, precise_bn=0)
+    steps = _steps_in(budget, _seconds_per_step(
+        lambda on_step: fit(build(), train, None, probe, on_step=on_step, progress=False)))
+    model = build()
+    t0 = time.perf_counter()
+    record = fit(model, train, None, _fit_config(cfg, steps, len(train)), progress=progress)
+    seconds = time.perf_counter() - t0
+    return model, record["steps"], seconds, sum(state_bytes(model.member(i)) for i in range(k))
+
+
+def _tu_arm(arm, train, depth, width, in_channels, num_classes, k, budget, cfg, alpha, gamma):
+    """A torch-uncertainty model for the steps that fit in ``budget``: ``(model, steps, seconds, bytes)``."""
+    torch.manual_seed(cfg.seed)
+    model = _Estimators(_tu_model(arm, k, depth, width, in_channels, num_classes, alpha, gamma), k)
+    loss = _tu_loss(arm, k, cfg.label_smoothing)
+    probe = copy.deepcopy(model)
+    steps = _steps_in(budget, _seconds_per_step(
+        lambda on_step: _train_steps(probe, train, cfg, _CALIBRATION_STEPS + 1, loss, on_step)))
+    t0 = time.perf_counter()
+    _train_steps(model, train, cfg, steps, loss)
+    if cfg.precise_bn:
+        _precise_bn(model, train, cfg.precise_bn, cfg.batch_size, cfg.seed)
+    return model, steps, time.perf_counter() - t0, state_bytes(model.model)
+
+
 def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = None, *,
                   arms: Sequence[str] = ARMS, members: int = 4, spec: SliceSpec | None = None,
                   warm_start_epochs: int = 0, epochs: int = 2, backbone: str = "resnet20", width: int = 16,
@@ -207,94 +273,39 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
     bcfg = {"width": width, "in_channels": in_channels, "num_classes": num_classes}
     example = test.x[:flops_batch]
-    rows, skipped = [], {}
+    rows, skipped, budget = [], {}, budget_seconds
     missing = torch_uncertainty_missing() if any(a in TU_ARMS for a in arms) else None
 
-    def evaluate(arm, label, predictor, k, steps, seconds, stored, **extra) -> dict:
-        logits = predictor(test)
-        ood_logits = predictor(ood) if ood is not None else None
-        m = evaluate_ensemble(logits, test.y.cpu(), ood_logits)
-        row = {"arm": arm, "label": label, "members": k, "steps": steps, "train_seconds": seconds,
-               "flops_per_image": extra.pop("flops"), "bytes_stored": stored, **extra,
-               **{key: m[key] for key in ("accuracy", "nll", "ece", "brier", "mean_member_accuracy",
-                                          "disagreement")}}
-        if ood is not None:
-            for key in ("ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob",
-                        "ood_fpr95_ood_positive_max_prob"):
-                row[key] = m[key]
-            if k == 1:
-                row["ood_auroc_mutual_info"] = None  # one model has no mutual information
-        log.info("%s: accuracy %.4f in %.0f s", label, row["accuracy"], seconds)
-        return row
-
-    budget = budget_seconds
-    if "cheap" in arms:
-        t0 = time.perf_counter()
-        if warm_start_epochs:
-            from .recipes import warm_start
-
-            frozen = warm_start(backbone, bcfg, train, warm_start_epochs, cfg, cfg.seed, progress)
-        else:
-            frozen = FrozenBackbone(build_backbone(backbone, **bcfg), seed=cfg.seed)
-        ens = Ensemble(frozen, spec, members=members, member_init="backbone" if warm_start_epochs else "random",
-                       seed=cfg.seed, data="own" if warm_start_epochs else "shared")
-        record = fit(ens, train, None, cfg, progress=progress)
-        seconds = time.perf_counter() - t0
+    if "cheap" in arms:  # first: its wall time is the budget
+        ens, steps, seconds, stored = _cheap_arm(train, backbone, bcfg, spec, members, warm_start_epochs, cfg,
+                                                 progress)
         budget = budget if budget is not None else seconds
-        stored = members * describe(frozen, spec, members=members, verbose=False)["stored_bytes"]
-        stored += state_bytes(frozen.backbone) if warm_start_epochs else 0  # a trained backbone must be stored
-        rows.append(evaluate("cheap", f"cheap ensemble K={members} {spec!r}"
-                             + (f", warm start {warm_start_epochs} ep" if warm_start_epochs else ""),
-                             lambda d: predict(ens, d, cfg.eval_batch_size), members, record["steps"], seconds,
-                             stored, flops=inference_flops(ens, example)))
-
+        label = f"cheap ensemble K={members} {spec!r}" + (f", warm start {warm_start_epochs} ep"
+                                                          if warm_start_epochs else "")
+        rows.append(_row("cheap", label, lambda d: predict(ens, d, cfg.eval_batch_size), members, steps, seconds,
+                         stored, inference_flops(ens, example), test, ood))
     for arm in arms:
+        k = 1 if arm == "single" else members
         if arm == "cheap":
             continue
         if arm in TU_ARMS and missing:
             skipped[arm] = missing
             log.warning("skipping %s: %s", arm, missing)
             continue
-        k = 1 if arm == "single" else members
         if arm in ("single", "deep"):
-            def build(k=k):
-                frozen = FrozenBackbone(build_backbone(backbone, **bcfg), seed=cfg.seed)
-                return Ensemble(frozen, Full(), members=k, seed=cfg.seed, vectorized=torch.cuda.is_available())
-
-            def calibrate(on_step, build=build):
-                fit(build(), train, None, replace(cfg, epochs=1, max_steps_per_epoch=_CALIBRATION_STEPS + 1,
-                                                  precise_bn=0), on_step=on_step, progress=False)
-
-            steps = _steps_in(budget, _seconds_per_step(calibrate))
-            model = build()
-            t0 = time.perf_counter()
-            record = fit(model, train, None, _fit_config(cfg, steps, len(train)), progress=progress)
-            seconds = time.perf_counter() - t0
-            stored = sum(state_bytes(model.member(i)) for i in range(k))
+            model, steps, seconds, stored = _full_arm(train, backbone, bcfg, k, budget, cfg, progress)
             label = "single model Full()" if k == 1 else f"deep ensemble {k} x Full()"
-            rows.append(evaluate(arm, label, lambda d, m=model: predict(m, d, cfg.eval_batch_size), k,
-                                 record["steps"], seconds, stored, flops=inference_flops(model, example)))
-            continue
-        torch.manual_seed(cfg.seed)
-        model = _Estimators(_tu_model(arm, k, depth, width, in_channels, num_classes, packed_alpha, packed_gamma), k)
-        loss = _tu_loss(arm, k, cfg.label_smoothing)
-        probe = copy.deepcopy(model)
-        per_step = _seconds_per_step(lambda on_step: _train_steps(probe, train, cfg, _CALIBRATION_STEPS + 1, loss,
-                                                                  on_step))
-        steps = _steps_in(budget, per_step)
-        t0 = time.perf_counter()
-        _train_steps(model, train, cfg, steps, loss)
-        if cfg.precise_bn:
-            _precise_bn(model, train, cfg.precise_bn, cfg.batch_size, cfg.seed)
-        seconds = time.perf_counter() - t0
+            predictor = lambda d, m=model: predict(m, d, cfg.eval_batch_size)  # noqa: E731
+        else:
+            model, steps, seconds, stored = _tu_arm(arm, train, depth, width, in_channels, num_classes, k, budget,
+                                                    cfg, packed_alpha, packed_gamma)
+            label = ("torch-uncertainty BatchEnsemble" if arm == "batch_ensemble" else
+                     f"torch-uncertainty Packed-Ensembles (alpha={packed_alpha:g}, gamma={packed_gamma})") + f" K={k}"
 
-        @torch.no_grad()
-        def predictor(d, model=model):
-            model.eval()
-            return torch.cat([model(x) for x, _ in d.batches(cfg.eval_batch_size, shuffle=False)], dim=1)
-
-        label = ("torch-uncertainty BatchEnsemble" if arm == "batch_ensemble" else
-                 f"torch-uncertainty Packed-Ensembles (alpha={packed_alpha:g}, gamma={packed_gamma})") + f" K={k}"
-        rows.append(evaluate(arm, label, predictor, k, steps, seconds, state_bytes(model.model),
-                             flops=inference_flops(model, example)))
+            @torch.no_grad()
+            def predictor(d, model=model):  # (K, N, C)
+                model.eval()
+                return torch.cat([model(x) for x, _ in d.batches(cfg.eval_batch_size, shuffle=False)], dim=1)
+        rows.append(_row(arm, label, predictor, k, steps, seconds, stored, inference_flops(model, example), test,
+                         ood))
     return {"budget_seconds": budget, "config": asdict(cfg), "rows": rows, "skipped": skipped}
