@@ -8,6 +8,7 @@ from .ensemble import Ensemble
 from .describe import describe
 from .lc import LCConv2d, SharedSpatial, export_fused, freeze_spatial, l1_penalty, prune_pointwise
 from .adapters import AdapterBank, TaskAdapter
+from . import flops  # noqa: F401,E402  (registers FLOP formulas for the library's own ops)
 
 __all__ = [
     "__version__", "Backbone", "build_backbone", "list_backbones", "register_backbone", "backbone_config",

@@ -3,6 +3,20 @@
 Member outputs come in as logits ``(K, N, C)`` with integer labels ``(N,)``; single-model
 metrics take probabilities ``(N, C)`` (for an ensemble, :func:`ensemble_probs`). Summaries
 returned by :func:`evaluate_ensemble` are plain Python numbers, ready for JSON.
+
+Conventions, where the literature differs:
+
+- **NLL** of an ensemble is ``-mean_n log((1/K) sum_k softmax(z_k)[y_n])``, computed in log space
+  (``logsumexp`` over members of ``log_softmax`` minus ``log K``, float64, no clamp): a
+  confidently wrong ensemble is charged its full loss instead of ``-log(1e-12) = 27.6``.
+- **FPR@95** comes in both conventions, under keys that say which:
+  ``ood_fpr95_<score>`` takes the *in-distribution* samples as positives (ODIN, Liang et al.
+  2018; Hendrycks & Gimpel): the fraction of OOD samples still accepted when 95 % of the
+  in-distribution test set is accepted. ``ood_fpr95_ood_positive_<score>`` takes the *OOD*
+  samples as positives (torch-uncertainty's ``FPR95(pos_label=1)``, anomaly-seg): the fraction
+  of in-distribution samples flagged when 95 % of the OOD set is flagged. Both: lower is
+  better; they differ, often widely, on the same scores.
+- **AUROC** does not depend on which side is positive (the score's sign flips with it).
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ __all__ = [
     "ensemble_probs",
     "accuracy",
     "nll",
+    "ensemble_nll",
     "brier",
     "ece",
     "reliability_bins",
@@ -31,10 +46,12 @@ __all__ = [
     "load_metric",
     "COMBINES",
     "OOD_SCORES",
+    "FPR_POSITIVES",
 ]
 
 COMBINES = ("mean", "vote")
 OOD_SCORES = ("max_prob", "mutual_info")
+FPR_POSITIVES = ("in", "ood")  # which side FPR@95 counts as positive: see the module docstring
 
 # weight of the mean-probability pseudo-vote that breaks ties in ``combine="vote"``
 _VOTE_TIE_WEIGHT = 1e-3
@@ -121,15 +138,38 @@ def accuracy(probs: Tensor, labels: Tensor) -> float:
     return float((probs.argmax(dim=-1) == labels).double().mean())
 
 
-def nll(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> float:
-    """Mean negative log-likelihood of the labels, ``-mean log p[y]`` (p clamped at ``eps``).
+def nll(probs: Tensor, labels: Tensor, eps: float = 0.0) -> float:
+    """Mean negative log-likelihood of the labels, ``-mean log p[y]``, in float64.
+
+    Unclamped by default: a probability of exactly 0 gives ``inf``. ``eps > 0`` clamps ``p[y]``
+    at ``eps`` first (the old behaviour was ``eps=1e-12``). For an ensemble's logits use
+    :func:`ensemble_nll`, which never rounds a small probability to 0.
 
     Shape: probs ``(N, C)``, labels ``(N,)`` -> scalar.
     """
     _check_probs(probs)
     _check_labels(labels, probs.shape[0], probs.shape[1])
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0 (0 = no clamp), got {eps!r}")
     p_true = probs.double().gather(1, labels[:, None].long()).squeeze(1)
-    return float(-p_true.clamp_min(eps).log().mean())
+    return float(-(p_true.clamp_min(eps) if eps else p_true).log().mean())
+
+
+def ensemble_nll(logits: Tensor, labels: Tensor) -> float:
+    """NLL of the mean-probability ensemble, ``-mean_n log((1/K) sum_k softmax(z_k)[y_n])``.
+
+    Computed in log space in float64 (``logsumexp_k log_softmax(z_k)[y] - log K``), so it stays
+    exact when every member gives the label a probability far below float32's smallest number;
+    with K = 1 it is the member's own NLL.
+
+    Shape: logits ``(K, N, C)``, labels ``(N,)`` -> scalar.
+    """
+    _check_logits(logits)
+    _check_labels(labels, logits.shape[1], logits.shape[2])
+    logp = logits.double().log_softmax(dim=-1)  # (K, N, C)
+    idx = labels.long()[None, :, None].expand(logits.shape[0], -1, 1)
+    logp_true = logp.gather(2, idx).squeeze(2)  # (K, N)
+    return float(-(torch.logsumexp(logp_true, dim=0) - math.log(logits.shape[0])).mean())
 
 
 def brier(probs: Tensor, labels: Tensor) -> float:
@@ -253,14 +293,28 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     return float(binary_auroc(preds, target))
 
 
-def fpr_at_95_tpr(scores_in: Tensor, scores_out: Tensor) -> float:
-    """Fraction of OOD samples accepted at the highest threshold that keeps TPR >= 95%.
+def fpr_at_95_tpr(scores_in: Tensor, scores_out: Tensor, positive: str = "in") -> float:
+    """False positive rate at 95 % true positive rate, the positives being ``positive``'s side.
 
-    A sample is accepted (called in-distribution) when its score is >= the threshold.
+    Scores are in-distribution scores (higher = more in-distribution, as :func:`ood_scores`).
+
+    ``positive="in"`` (ODIN's convention; the ``ood_fpr95_<score>`` keys): a sample is accepted
+    when its score is >= the highest threshold that accepts >= 95 % of ``scores_in``; returns
+    the fraction of ``scores_out`` accepted.
+
+    ``positive="ood"`` (torch-uncertainty's ``FPR95(pos_label=1)``; the
+    ``ood_fpr95_ood_positive_<score>`` keys): a sample is flagged OOD when its score is <= the
+    lowest threshold that flags >= 95 % of ``scores_out``; returns the fraction of ``scores_in``
+    flagged. Ties are never split: every sample at the threshold counts, in both conventions.
 
     Shape: scores_in ``(N_in,)``, scores_out ``(N_out,)`` -> scalar in [0, 1].
     """
+    if positive not in FPR_POSITIVES:
+        raise ValueError(f"positive must be one of {', '.join(FPR_POSITIVES)} (which side FPR@95 counts as "
+                         f"positive), got {positive!r}")
     s_in, s_out = _check_scores(scores_in, "scores_in"), _check_scores(scores_out, "scores_out")
+    if positive == "ood":  # the same computation with the roles swapped and the score negated
+        s_in, s_out = -s_out, -s_in
     n_keep = math.ceil(0.95 * s_in.numel() - 1e-9)
     threshold = s_in.sort(descending=True).values[n_keep - 1]
     return float((s_out >= threshold).double().mean())
@@ -286,10 +340,12 @@ def evaluate_ensemble(
     """All ensemble metrics as plain Python numbers (JSON-ready).
 
     Keys: ``num_members``, ``member_accuracy``, ``member_nll`` (lists of K),
-    ``mean_member_accuracy``, ``accuracy``, ``nll``, ``ece``, ``brier`` (of the mean ensemble),
-    ``disagreement``, ``accuracy_vs_members``, ``reliability`` (see :func:`reliability_bins`);
-    with ``ood_logits`` also ``ood_auroc_<kind>`` and ``ood_fpr95_<kind>`` for each kind in
-    :data:`OOD_SCORES`.
+    ``mean_member_accuracy``, ``accuracy``, ``nll`` (:func:`ensemble_nll`, unclamped), ``ece``,
+    ``brier`` (of the mean ensemble), ``disagreement``, ``accuracy_vs_members``, ``reliability``
+    (see :func:`reliability_bins`); with ``ood_logits`` also, for each kind in
+    :data:`OOD_SCORES`: ``ood_auroc_<kind>``, ``ood_fpr95_<kind>`` (FPR@95 with the
+    in-distribution samples positive, ODIN's convention) and ``ood_fpr95_ood_positive_<kind>``
+    (OOD samples positive, torch-uncertainty's convention); see the module docstring.
 
     Shape: logits ``(K, N, C)``, labels ``(N,)``, ood_logits ``(K, M, C)``.
     """
@@ -301,10 +357,10 @@ def evaluate_ensemble(
     report: dict[str, Any] = {
         "num_members": int(logits.shape[0]),
         "member_accuracy": member_acc,
-        "member_nll": [nll(p, labels) for p in member_probs],
+        "member_nll": [ensemble_nll(z[None], labels) for z in logits],
         "mean_member_accuracy": sum(member_acc) / len(member_acc),
         "accuracy": accuracy(probs, labels),
-        "nll": nll(probs, labels),
+        "nll": ensemble_nll(logits, labels),
         "ece": ece(probs, labels, n_bins),
         "brier": brier(probs, labels),
         "disagreement": disagreement(logits),
@@ -321,7 +377,8 @@ def evaluate_ensemble(
         for kind in OOD_SCORES:
             s_in, s_out = ood_scores(logits, kind), ood_scores(ood_logits, kind)
             report[f"ood_auroc_{kind}"] = ood_auroc(s_in, s_out)
-            report[f"ood_fpr95_{kind}"] = fpr_at_95_tpr(s_in, s_out)
+            report[f"ood_fpr95_{kind}"] = fpr_at_95_tpr(s_in, s_out, positive="in")
+            report[f"ood_fpr95_ood_positive_{kind}"] = fpr_at_95_tpr(s_in, s_out, positive="ood")
     return report
 
 

@@ -140,6 +140,54 @@ def test_fpr_at_95_tpr_known_cases():
     assert M.fpr_at_95_tpr(torch.tensor([0.0, 1.0]), torch.tensor([3.0, 4.0])) == 1.0
 
 
+def test_fpr_at_95_tpr_ood_positive_by_hand():
+    # OOD positive: flag (score <=) 95% of the 20 OOD scores 1..20, i.e. 19 of them: threshold 19;
+    # in-distribution scores flagged (<= 19): 0, 18.5, 19 of five -> 0.6
+    s_out = torch.arange(1.0, 21.0)
+    s_in = torch.tensor([0.0, 18.5, 19.0, 19.5, 30.0])
+    assert M.fpr_at_95_tpr(s_in, s_out, positive="ood") == pytest.approx(0.6)
+    # and in-positive on the same scores: accept 5 of 5 in-scores (ceil(4.75)) -> threshold 0: every OOD accepted
+    assert M.fpr_at_95_tpr(s_in, s_out, positive="in") == 1.0
+    assert M.fpr_at_95_tpr(s_in, s_out) == 1.0  # the default stays ODIN's in-positive convention
+
+
+def test_fpr_ood_positive_matches_torch_uncertainty():
+    """The same tie-aware number as torch-uncertainty's FPR95(pos_label=1) on OOD score = -score."""
+    fpr = pytest.importorskip("torch_uncertainty.metrics.classification.fpr")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        s_in = torch.randn(200, generator=g).round(decimals=1) + 1.0
+        s_out = torch.randn(150, generator=g).round(decimals=1)
+        conf = -torch.cat([s_in, s_out])  # their confidence: higher = more OOD
+        target = torch.cat([torch.zeros(200), torch.ones(150)]).long()
+        ref = float(fpr._fprx_compute(conf, target, recall_level=0.95, pos_label=1))
+        assert M.fpr_at_95_tpr(s_in, s_out, positive="ood") == pytest.approx(ref, abs=1e-6)  # theirs: float32
+
+
+def test_ensemble_nll_is_exact_where_the_old_clamp_under_reported():
+    # 2 members, 3 classes; the label's logit is -120 (member A) and -110 (member B), the others 0:
+    # float32 softmax rounds both probabilities to 0 and a 1e-12 clamp would say 27.63 nats
+    lg = torch.tensor([[[-120.0, 0.0, 0.0]], [[-110.0, 0.0, 0.0]]])  # (K=2, N=1, C=3), float32
+    labels = torch.tensor([0])
+    p_a = math.exp(-120.0) / (math.exp(-120.0) + 2.0)  # float64 by hand
+    p_b = math.exp(-110.0) / (math.exp(-110.0) + 2.0)
+    expected = -math.log((p_a + p_b) / 2)  # 110 + log 2 + log 2 - tiny = 111.386...
+    assert M.ensemble_nll(lg, labels) == pytest.approx(expected, rel=1e-12)
+    assert M.evaluate_ensemble(lg, labels)["nll"] == pytest.approx(expected, rel=1e-12)
+    clamped = M.nll(M.ensemble_probs(lg), labels, eps=1e-12)
+    assert clamped == pytest.approx(-math.log(1e-12)) and clamped < expected - 70  # what the clamp reported
+    assert M.nll(M.ensemble_probs(lg), labels) == math.inf  # unclamped probabilities say inf, not 27.6
+    # member NLLs are exact too: -log p_a, -log p_b
+    assert M.evaluate_ensemble(lg, labels)["member_nll"] == pytest.approx([-math.log(p_a), -math.log(p_b)],
+                                                                          rel=1e-12)
+
+
+def test_ensemble_nll_by_hand(logits):
+    # mean probs of the labels: .7, .4, .3, .55 (MEAN above)
+    expected = -(math.log(0.7) + math.log(0.4) + math.log(0.3) + math.log(0.55)) / 4
+    assert M.ensemble_nll(logits, LABELS) == pytest.approx(expected)
+
+
 def test_accuracy_vs_members(logits):
     # member A alone: 3/4; A and B: 2/4
     assert M.accuracy_vs_members(logits, LABELS) == pytest.approx([0.75, 0.5])
@@ -163,7 +211,9 @@ def test_evaluate_ensemble_by_hand_and_json(logits):
     # OOD max prob is .4 everywhere, below every in-distribution max prob (.45 .. .7)
     assert r["ood_auroc_max_prob"] == pytest.approx(1.0)
     assert r["ood_fpr95_max_prob"] == 0.0
-    for key in ("ood_auroc_mutual_info", "ood_fpr95_mutual_info"):
+    # OOD positive: flag 95% of the OOD max probs (all .4): threshold .4, no in-distribution max prob <= .4
+    assert r["ood_fpr95_ood_positive_max_prob"] == 0.0
+    for key in ("ood_auroc_mutual_info", "ood_fpr95_mutual_info", "ood_fpr95_ood_positive_mutual_info"):
         assert 0.0 <= r[key] <= 1.0
     assert "ood_auroc_max_prob" not in M.evaluate_ensemble(logits, LABELS)
 
@@ -182,6 +232,10 @@ def test_evaluate_ensemble_by_hand_and_json(logits):
         (lambda lg: M.ood_scores(lg, kind="energy"), r"unknown OOD score kind 'energy'; accepted: max_prob, mutual_info"),
         (lambda lg: M.ood_auroc(torch.tensor([]), torch.tensor([1.0])), r"scores_in must be a non-empty 1-D"),
         (lambda lg: M.fpr_at_95_tpr(torch.tensor([1.0]), torch.ones(2, 2)), r"scores_out .* shape \(2, 2\)"),
+        (lambda lg: M.fpr_at_95_tpr(torch.ones(3), torch.ones(3), positive="out"),
+         r"positive must be one of in, ood .* got 'out'"),
+        (lambda lg: M.nll(lg[0].exp(), LABELS, eps=-1.0), r"eps must be a finite number >= 0 .* got -1.0"),
+        (lambda lg: M.ensemble_nll(lg[0], LABELS), r"\(K, N, C\).*\(4, 3\)"),
         (lambda lg: M.evaluate_ensemble(lg, LABELS, ood_logits=torch.zeros(2, 5, 4)), r"ood_logits shape \(2, 5, 4\)"),
         (lambda lg: M.disagreement(torch.zeros(2, 0, 3)), r"non-empty"),
         (lambda lg: M.load_metric("accuracy"), r"unknown metric module 'accuracy'; available: ensemble"),

@@ -4,6 +4,7 @@
     shared-backbone train-adapter --task mnist5k digits --out runs/adapters
     shared-backbone eval-adapters runs/adapters
     shared-backbone reproduce-ensembles | reproduce-partial | reproduce-transfer | reproduce-lc ...
+    shared-backbone compare-peers --members 4 --epochs 2   # peers at one wall-clock budget
     shared-backbone backbones | tasks          # what the registry and the shipped task cards offer
     shared-backbone bench ...                  # a checkout's developer benchmark, scripts/bench.py
 
@@ -29,6 +30,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "reproduce-partial": ("reproduce_partial", "the partial-learning comparison: one recipe for every slice kind"),
     "reproduce-transfer": ("reproduce_transfer", "adapters on a random vs a partially trained frozen backbone"),
     "reproduce-lc": ("reproduce_lc", "the LC paper: accuracy vs expansion, frozen random vs learned spatial filters"),
+    "compare-peers": ("compare_peers", "the cheap ensemble next to its peers (deep ensemble, BatchEnsemble, "
+                                       "Packed-Ensembles) at one wall-clock budget"),
 }
 
 

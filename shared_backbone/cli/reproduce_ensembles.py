@@ -1,6 +1,8 @@
 """The partial-learning paper's ensemble table (its Table 4) on Fashion-MNIST.
 
     shared-backbone reproduce-ensembles --members 5 --warm-start-epochs 1 --epochs 1
+    shared-backbone reproduce-ensembles --members 5 --warm-start-epochs 1 --epochs 4 \
+        --out runs/ensembles.json --resume    # long: rerun the same command to continue after an interruption
 
 As in the paper: train the full network for a warm-start epoch, freeze it, then train K members
 that differ only by the fc layer, by a fraction of every conv's filters (0.1, 0.4, 0.7; their
@@ -18,6 +20,7 @@ from ..io import write_json
 from ..recipes import train_ensemble
 from ..slices import BatchNorm, Filters, Full, Head
 from ._args import add_backbone, add_runtime, add_train_config, backbone_options, train_config
+from ._resume import ArmStore, add_resume, check_resume, run_settings
 
 TRAIN_DEFAULTS = {"epochs": 1}  # where this job's defaults differ from TrainConfig's (epochs after the warm start)
 
@@ -36,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--execution", choices=["vmap", "loop"], default="vmap" if torch.cuda.is_available() else "loop")
     ap.add_argument("--out", default="results/ensembles.json")
     add_runtime(ap)
+    add_resume(ap, "keep finished rows and continue an unfinished one from its last checkpoint (work directory: "
+                   "--out without .json, plus _arms; the row's warm start is recomputed, seeded)")
     add_backbone(ap, "resnet20")
     add_train_config(ap, defaults=TRAIN_DEFAULTS)
     return ap
@@ -44,25 +49,34 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
     ap = parser()
     args = ap.parse_args(argv)
+    check_resume(ap, args)
     config = train_config(ap, args)
     try:
         backbone_cfg = backbone_options(args)
     except ValueError as err:
         ap.error(str(err))
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    store = ArmStore(out.with_name(out.stem + "_arms"), run_settings(args), args.resume)
     rows = []
     for label, spec in ROWS:
-        _, r, _ = train_ensemble(spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
-                                 config=config,
-                                 warm_start_epochs=args.warm_start_epochs, train_subset=args.train_subset or None,
-                                 test_subset=args.test_subset or None, seed=args.seed, progress=not args.no_progress,
-                                 vectorized=args.execution == "vmap")
-        m = r["metrics"]
-        rows.append({"model": label, "spec": repr(spec), "learned": r["params"]["learned_all_members"],
-                     "mean_member_accuracy": m["mean_member_accuracy"], "ensemble_accuracy": m["accuracy"],
-                     "ece": m["ece"], "ood_auroc": m["ood_auroc_max_prob"], "ood_auroc_mi": m["ood_auroc_mutual_info"],
-                     "disagreement": m["disagreement"], "seconds": r["wall_seconds"]})
-        write_json(Path(args.out), {"args": vars(args), "rows": rows})
+        row = store.done(label)
+        if row is None:
+            _, r, _ = train_ensemble(spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
+                                     config=config, warm_start_epochs=args.warm_start_epochs,
+                                     train_subset=args.train_subset or None, test_subset=args.test_subset or None,
+                                     seed=args.seed, progress=not args.no_progress,
+                                     vectorized=args.execution == "vmap", out_dir=store.arm_dir(label),
+                                     resume=args.resume, checkpoint_every=args.checkpoint_every)
+            m = r["metrics"]
+            row = store.finish(label, {
+                "model": label, "spec": repr(spec), "learned": r["params"]["learned_all_members"],
+                "mean_member_accuracy": m["mean_member_accuracy"], "ensemble_accuracy": m["accuracy"],
+                "nll": m["nll"], "ece": m["ece"], "ood_auroc": m["ood_auroc_max_prob"],
+                "ood_auroc_mi": m["ood_auroc_mutual_info"], "disagreement": m["disagreement"],
+                "seconds": r["wall_seconds"]})
+        rows.append(row)
+        write_json(out, {"args": vars(args), "rows": rows})
     print(f"\n{'model':<14}{'learned':>12}{'mean member':>13}{'ensemble':>10}{'ECE':>8}{'OOD AUROC':>11}{'disagree':>10}")
     for r in rows:
         print(f"{r['model']:<14}{r['learned']:>12,}{r['mean_member_accuracy']:>13.4f}{r['ensemble_accuracy']:>10.4f}"

@@ -4,28 +4,36 @@
     shared-backbone reproduce-lc --table3                  # checkpoint sizes (Table 3's last column)
     shared-backbone reproduce-lc --expansions 1,4,16 --epochs 1 --train-subset 5000 --test-subset 2000
     shared-backbone reproduce-lc --sharing global,recycled ...  # adds frozen arms with shared spatial weights
+    shared-backbone reproduce-lc --paper --epochs 15 --expansions 1,8,128 --frozen-only --learned-resnet \
+        --train-subset 0 --test-subset 0 --out runs/lc --resume   # long: rerun the same command to continue
 
 Training (Figure 1): LCResNet-20-{W}x{E} on Fashion-MNIST with one recipe for every arm: "learned"
 trains everything (Full()), "frozen" only the 1x1s, BN and head (Pointwise()+BatchNorm()+Head()) over
 frozen random spatial filters. Writes JSON, a Figure-1-style plot and the stem's reconstructed
-filters for every E (Figure 12), plus FVE and FGSM (eps=1/255) of every model.
+filters for every E (Figure 12), plus FVE and FGSM (eps=1/255) of every model. ``--learned-resnet``
+adds the plain learned ResNet-20-{W} (Full()) the paper compares against.
+
+Every arm's row (and its stem filters) is saved under ``OUT/arms/<arm>_E<e>/`` as the arm finishes,
+and fit() checkpoints inside the arm; ``--resume`` keeps finished arms and continues the unfinished one.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..backbones import build_backbone
 from ..frozen import FrozenBackbone
-from ..io import write_json
+from ..io import load_tensors, save_tensors, write_json
 from ..lc import pointwise_weights, prune_pointwise, save_sparse
 from ..slices import BatchNorm, Full, Head, Pointwise, resolve
 from ..train import TrainConfig
 from ._args import add_runtime, add_train_config, train_config
+from ._resume import ArmStore, add_resume, check_resume, run_settings
 
 TRAIN_DEFAULTS = {"epochs": 1, "precise_bn": 20}  # where this job's defaults differ from TrainConfig's
 
@@ -104,32 +112,42 @@ def format_table3(rows: list[dict], title: str) -> str:
 
 
 # -- Figure 1: accuracy vs E ---------------------------------------------------------------------------
-def run_arm(arm: str, expansion: int, args, config: TrainConfig) -> dict:
+RESNET_ARM = "learned_resnet"  # the plain ResNet (no LC-Blocks), everything learned
+
+
+def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path | None = None) -> dict:
+    from ..lc import LCConv2d
     from ..lc_analysis import fgsm_accuracy, fve_report, reconstructed_filters
     from ..recipes import load_train_test, train_ensemble
 
-    sharing = "none" if arm == "learned" else (arm.split("_", 1)[1] if "_" in arm else "none")
-    spec = Full() if arm == "learned" else FROZEN_SPEC
-    bcfg = {"width": args.width, "expansion": expansion, "sharing": sharing}
+    learned = arm in ("learned", RESNET_ARM)
+    sharing = "none" if learned else (arm.split("_", 1)[1] if "_" in arm else "none")
+    spec = Full() if learned else FROZEN_SPEC
+    if arm == RESNET_ARM:
+        backbone, bcfg = args.backbone.replace("lcresnet", "resnet"), {"width": args.width}
+    else:
+        backbone, bcfg = args.backbone, {"width": args.width, "expansion": expansion, "sharing": sharing}
     if sharing == "recycled":
         bcfg["share_fraction"] = args.share_fraction
-    ens, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg=bcfg, config=config,
+    ens, report, _ = train_ensemble(spec, members=1, backbone=backbone, backbone_cfg=bcfg, config=config,
                                     train_subset=args.train_subset or None, test_subset=args.test_subset or None,
-                                    seed=args.seed, ood=None, progress=not args.no_progress)
+                                    seed=args.seed, ood=None, progress=not args.no_progress, out_dir=out_dir,
+                                    resume=args.resume, checkpoint_every=args.checkpoint_every if out_dir else None)
     member = ens.member(0).eval()
     _, test, _ = load_train_test("fashion_mnist", args.train_subset or None, args.test_subset or None, args.seed)
     fve = fve_report(member)
     norm = [v["normalized_fve"] for v in fve.values() if v["normalized_fve"] is not None]
     return {
-        "arm": arm, "expansion": expansion, "sharing": sharing, "spec": repr(spec),
+        "arm": arm, "backbone": backbone, "expansion": expansion, "sharing": sharing, "spec": repr(spec),
         "test_accuracy": report["metrics"]["accuracy"], "test_nll": report["metrics"]["nll"],
         "learned": report["params"]["learned_per_member"], "total": report["params"]["backbone_total"],
         "train_seconds": report["train"]["train_seconds"],
         "fgsm": fgsm_accuracy(member, test, eps=1 / 255),
         "mean_normalized_fve": sum(norm) / len(norm) if norm else None,
         "stem_fve": fve.get("stages.stem.0"),
-        "pruned": [_pruned_accuracy(member, test, rho) for rho in args.prune_ratios] if arm != "learned" else [],
-        "_stem_filters": reconstructed_filters(member.stages.stem[0]),
+        "pruned": [_pruned_accuracy(member, test, rho) for rho in args.prune_ratios] if not learned else [],
+        "_stem_filters": (reconstructed_filters(stem) if isinstance(stem := member.stages.stem[0], LCConv2d)
+                          else stem.weight.detach().clone()),
         "_member": member,
     }
 
@@ -178,7 +196,10 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
 
     fig = new_figure((5.5, 4))
     ax = fig.subplots()
-    for arm in dict.fromkeys(r["arm"] for r in rows):
+    for r in rows:
+        if r["arm"] == RESNET_ARM:
+            ax.axhline(100 * r["test_accuracy"], color="gray", ls="--", label=f"learned {r['backbone']}")
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != RESNET_ARM):
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["expansion"])
         ax.plot([r["expansion"] for r in rs], [100 * r["test_accuracy"] for r in rs], "o-", label=arm)
     ax.set_xscale("log", base=2)
@@ -201,14 +222,54 @@ def parser() -> argparse.ArgumentParser:
                          "comma-separated list (global,recycled)")
     ap.add_argument("--share-fraction", type=float, default=1 / 16)
     ap.add_argument("--frozen-only", action="store_true", help="skip the arm that learns its spatial filters")
+    ap.add_argument("--learned-resnet", action="store_true",
+                    help="also train the plain ResNet of the same depth and width, everything learned (once)")
+    ap.add_argument("--paper", action="store_true",
+                    help="TrainConfig.paper()'s recipe (75 epochs, batch 256, lr 1e-2, weight decay 1e-2) for "
+                         "every one of those fields not given as a flag")
     ap.add_argument("--train-subset", type=int, default=5000, help="0 = all 60,000")
     ap.add_argument("--test-subset", type=int, default=2000, help="0 = all 10,000")
     ap.add_argument("--prune", default="", help="comma-separated pruning ratios: frozen arms are also evaluated "
                                                 "after global magnitude pruning of their 1x1 weights (no fine-tuning)")
     ap.add_argument("--out", default="results/lc", help="output directory")
     add_runtime(ap)
+    add_resume(ap, "keep finished arms (OUT/arms/*/row.json) and continue an unfinished one from its checkpoint")
     add_train_config(ap, defaults=TRAIN_DEFAULTS, aliases={"l1_pointwise": ("--l1",)})
     return ap
+
+
+def _given(argv) -> set[str]:
+    """The dests the command line sets explicitly (a parse with every default suppressed)."""
+    probe = parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def apply_paper(args: argparse.Namespace, given: set[str]) -> None:
+    """``--paper``: TrainConfig.paper()'s value for every field where it differs from TrainConfig's default
+    and the command line does not set the field itself."""
+    paper, base = TrainConfig.paper(), TrainConfig()
+    for f in fields(TrainConfig):
+        if getattr(paper, f.name) != getattr(base, f.name) and f.name not in given:
+            setattr(args, f.name, getattr(paper, f.name))
+
+
+# the training flags this job had before they were generated from TrainConfig: always in run.json (as the
+# flags were named then), so an ``--resume`` of a run started then finds the same settings
+LEGACY_TRAIN = ("epochs", "batch_size", "lr", "weight_decay", "precise_bn", "seed")
+
+
+def _settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """What every arm depends on (checked on --resume): the job's flags, the legacy training flags, and any
+    other TrainConfig field set away from this job's default."""
+    train = {f.name for f in fields(TrainConfig)}
+    settings = run_settings(args, exclude=("table1", "table3", *train))
+    settings.update({k: getattr(args, k) for k in LEGACY_TRAIN})
+    settings["l1"] = args.l1_pointwise
+    settings.update({k: getattr(args, k) for k in sorted(train - {*LEGACY_TRAIN, "l1_pointwise"})
+                     if getattr(args, k) != ap.get_default(k)})
+    return settings
 
 
 def main(argv=None) -> dict:
@@ -230,6 +291,9 @@ def main(argv=None) -> dict:
         print(f"\nJSON: {out / 'tables.json'}")
         return res
 
+    check_resume(ap, args)
+    if args.paper:
+        apply_paper(args, _given(argv))
     config = train_config(ap, args)
     try:
         args.prune_ratios = [float(r) for r in args.prune.split(",") if r.strip()]
@@ -245,20 +309,28 @@ def main(argv=None) -> dict:
     if bad:
         ap.error(f"--sharing {bad[0]!r} is not one of none, global, recycled")
     arms = (["frozen"] if args.frozen_only else ["learned", "frozen"]) + [f"frozen_{x}" for x in sharings]
+    store = ArmStore(out, _settings(ap, args), args.resume)
+    todo = ([(RESNET_ARM, 1)] if args.learned_resnet else []) + [(arm, e) for e in expansions for arm in arms]
     rows, filters = [], {}
-    for e in expansions:
-        for arm in arms:
-            r = run_arm(arm, e, args, config)
+    for arm, e in todo:
+        name = f"{arm}_E{e}"
+        r = store.done(name)
+        if r is None:
+            r = run_arm(arm, e, args, config, store.arm_dir(name))
             f = r.pop("_stem_filters")
             member = r.pop("_member")
+            save_tensors(store.arm_dir(name) / "stem_filters.safetensors", {"filters": f})
             if arm == "frozen" and e == expansions[-1]:
                 from ..lc_analysis import plot_pointwise_histograms
 
                 plot_pointwise_histograms(member, out / f"pointwise_histograms_E{e}.png")
-            if arm != "learned" or e == expansions[-1]:
-                filters[f"{arm} E={e}"] = f
-            rows.append(r)
-            write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
+            store.finish(name, r)
+        else:
+            f = load_tensors(store.arm_dir(name) / "stem_filters.safetensors")[0]["filters"]
+        if arm not in ("learned", RESNET_ARM) or e == expansions[-1]:
+            filters[f"{arm} E={e}"] = f
+        rows.append(r)
+        write_json(out / "accuracy_vs_expansion.json", {"args": vars(args), "config": vars(config), "rows": rows})
     plot_accuracy(rows, out / "accuracy_vs_expansion.png")
     if args.prune_ratios:
         plot_pruning(rows, out / "pruning.png", args.l1_pointwise)
