@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     if main_process:
         save_ensemble(ens, out / "ensemble")
         write_json(out / "results.json", report)
-        plot_ensemble_report(report["metrics"], out / "report.png")
+        plot_ensemble_report(report["metrics"], out / "report.png",
+                             baseline=report["baseline"]["metrics"] if report["baseline"] else None)
         print()
         print(format_report(report))
         print(f"\nresults: {out / 'results.json'}   plot: {out / 'report.png'}   ensemble: {out / 'ensemble'}/")

@@ -7,6 +7,7 @@ import pytest
 
 import shared_backbone as sb
 from shared_backbone import BatchNorm, Filters, Head, parse_spec, resolve
+from shared_backbone.plots import plot_ensemble_report
 from shared_backbone.recipes import equal_cost_steps, format_report, train_ensemble
 from shared_backbone.slices import spec_from_dict
 from shared_backbone.train import TrainConfig
@@ -72,7 +73,7 @@ TINY = dict(backbone_cfg={"width": 4}, task="digits", train_subset=128, test_sub
             vectorized=False)
 
 
-def test_baseline_trains_for_the_budget_it_is_given():
+def test_baseline_trains_for_the_budget_it_is_given(tmp_path):
     # an ensemble step costs 2.5 single-model steps by this clock; 0.5 warm-start epochs are 2 steps
     cfg = TrainConfig(epochs=1, batch_size=32, precise_bn=2)
     _, r, arrays = train_ensemble(LAST_STAGE, members=2, config=cfg, warm_start_epochs=0.5, member_init="random",
@@ -102,6 +103,8 @@ def test_baseline_trains_for_the_budget_it_is_given():
     mi_row = next(line for line in text.splitlines() if line.startswith("OOD AUROC mutual-info"))
     assert mi_row.split()[-1] == "-"  # one model has no mutual information
     assert "budget 12 single-model steps = 2 warm + 4 x 2.50" in text
+    png = plot_ensemble_report(r["metrics"], tmp_path / "report.png", baseline=r["baseline"]["metrics"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_deep_baseline_fits_as_many_full_models_as_the_budget_allows():
