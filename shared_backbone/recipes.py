@@ -158,7 +158,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     train, test, card = load_train_test(task, train_subset, test_subset, seed)
     cfg = {"in_channels": card.input_shape[0], "num_classes": card.num_classes, **(backbone_cfg or {})}
     member_init = member_init or ("backbone" if warm_start_epochs else "random")
-    if member_init == "backbone" and data == "shared":
+    if member_init == "backbone" and data == "shared" and members > 1:
         data = "own"  # same start: members differ by their data order
     ood_data = None
     if ood == "mnist5k":
