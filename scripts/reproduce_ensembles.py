@@ -48,7 +48,7 @@ def main(argv=None) -> list[dict]:
         _, r, _ = train_ensemble(spec, members=args.members, backbone_cfg={"width": args.width}, config=config,
                                  warm_start_epochs=args.warm_start_epochs, train_subset=args.train_subset or None,
                                  test_subset=args.test_subset or None, seed=args.seed, progress=not args.no_progress,
-                                 vectorized=args.execution == "vmap")
+                                 vectorized=args.execution == "vmap", baseline="none")
         m = r["metrics"]
         rows.append({"model": label, "spec": repr(spec), "learned": r["params"]["learned_all_members"],
                      "mean_member_accuracy": m["mean_member_accuracy"], "ensemble_accuracy": m["accuracy"],

@@ -117,7 +117,7 @@ def run_arm(arm: str, expansion: int, args, config: TrainConfig) -> dict:
         bcfg["share_fraction"] = args.share_fraction
     ens, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg=bcfg, config=config,
                                     train_subset=args.train_subset or None, test_subset=args.test_subset or None,
-                                    seed=args.seed, ood=None, progress=not args.no_progress)
+                                    seed=args.seed, ood=None, progress=not args.no_progress, baseline="none")
     member = ens.member(0).eval()
     _, test, _ = load_train_test("fashion_mnist", args.train_subset or None, args.test_subset or None, args.seed)
     fve = fve_report(member)

@@ -45,7 +45,7 @@ def main(argv=None) -> list[dict]:
     for spec in specs:
         _, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg={"width": args.width},
                                       config=config, train_subset=args.train_subset or None, seed=args.seed,
-                                      ood=None, progress=not args.no_progress)
+                                      ood=None, progress=not args.no_progress, baseline="none")
         rows.append({"spec": repr(spec), "test_accuracy": report["metrics"]["accuracy"],
                      "test_nll": report["metrics"]["nll"], "learned": report["params"]["learned_per_member"],
                      "total": report["params"]["backbone_total"], "train_seconds": report["train"]["train_seconds"]})
