@@ -19,13 +19,15 @@ _REQUIRED = ("reliability", "ece", "accuracy_vs_members", "mean_member_accuracy"
 
 
 def plot_ensemble_report(
-    report: Mapping[str, Any] | Tensor, path: str | os.PathLike, labels: Tensor | None = None
+    report: Mapping[str, Any] | Tensor, path: str | os.PathLike, labels: Tensor | None = None,
+    *, baseline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a two-panel PNG: reliability diagram (ECE in the title) and accuracy vs members.
 
     ``report`` is a dict from :func:`~shared_backbone.metrics.evaluate_ensemble`, or member
-    logits together with ``labels``. The file is written to a temporary name and moved into
-    place atomically. Returns the path written.
+    logits together with ``labels``. ``baseline``, the metrics of the equal-cost baseline
+    (``results["baseline"]["metrics"]`` of the main job), adds its accuracy and ECE. The file is
+    written to a temporary name and moved into place atomically. Returns the path written.
 
     Shape: logits ``(K, N, C)``, labels ``(N,)``.
     """
@@ -49,11 +51,16 @@ def plot_ensemble_report(
     ax_rel.bar(centers, rel["accuracy"], width=width, edgecolor="black", label="accuracy")
     ax_rel.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax_rel.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax_rel.set_title(f"Reliability (ECE = {report['ece']:.3f})")
+    same_cost = f"; same-cost baseline {baseline['ece']:.3f}" if baseline else ""
+    ax_rel.set_title(f"Reliability (ECE = {report['ece']:.3f}{same_cost})")
     ax_rel.legend(loc="upper left")
 
     ax_k.plot(members, acc_curve, "o-", label="ensemble")
     ax_k.axhline(report["mean_member_accuracy"], color="gray", linestyle="--", label="mean member")
+    if baseline:
+        n = baseline.get("num_members", 1)
+        ax_k.axhline(baseline["accuracy"], color="red", linestyle=":",
+                     label=f"{n} full model{'s' if n > 1 else ''}, same cost")
     ax_k.set(xlabel="number of members", ylabel="accuracy", title="Accuracy vs members")
     ax_k.set_xticks(members)
     ax_k.legend(loc="lower right")

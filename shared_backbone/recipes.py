@@ -1,9 +1,12 @@
 """End-to-end recipes the scripts call: build, (warm start,) train, evaluate, save, report."""
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -13,10 +16,13 @@ from .describe import describe
 from .ensemble import Ensemble
 from .frozen import FrozenBackbone
 from .metrics import evaluate_ensemble
+from .train import _steps_per_epoch
 from .slices import Full, SliceSpec
 from .train import TrainConfig, fit, predict
 
-__all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report"]
+__all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report", "equal_cost_steps", "BASELINES"]
+
+BASELINES = ("none", "single", "deep")
 
 
 def load_train_test(task: str = "fashion_mnist", train_subset: int | None = None, test_subset: int | None = None,
@@ -32,71 +38,251 @@ def load_train_test(task: str = "fashion_mnist", train_subset: int | None = None
     return train, test, card
 
 
-def warm_start(backbone_name: str, backbone_cfg: dict, train: TensorData, epochs: int, config: TrainConfig,
+def _config_for_steps(config: TrainConfig, steps: int, n_train: int) -> TrainConfig:
+    """``config`` made to run ``steps`` optimizer steps in all: whole epochs of at most that many batches.
+
+    The run is ``steps`` rounded up to a multiple of ``epochs`` (fewer than ``epochs`` extra steps,
+    in the baseline's favour), and the cosine schedule spans exactly it.
+    """
+    per_epoch = _steps_per_epoch(n_train, config)
+    epochs = max(1, math.ceil(steps / per_epoch))
+    return TrainConfig.from_dict({**asdict(config), "epochs": epochs,
+                                  "max_steps_per_epoch": max(1, math.ceil(steps / epochs))})
+
+
+def warm_start(backbone_name: str, backbone_cfg: dict, train: TensorData, epochs: float, config: TrainConfig,
                seed: int = 0, progress: bool = True, accelerator=None) -> FrozenBackbone:
-    """Train the full network for ``epochs`` and freeze it: the partial-learning paper's ensemble set-up."""
+    """Train the full network for ``epochs`` (fractions allowed) and freeze it: the partial-learning
+    paper's ensemble set-up."""
     frozen = FrozenBackbone(build_backbone(backbone_name, **backbone_cfg), seed=seed)
     model = Ensemble(frozen, Full(), members=1, member_init="backbone")
-    cfg = TrainConfig.from_dict({**asdict(config), "epochs": epochs})
-    fit(model, train, None, cfg, accelerator=accelerator, progress=progress)
+    steps = max(1, round(epochs * _steps_per_epoch(len(train), config)))
+    fit(model, train, None, _config_for_steps(config, steps, len(train)), accelerator=accelerator, progress=progress)
     return FrozenBackbone.from_module(model.member(0))
 
 
-def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet20", backbone_cfg: dict | None = None,
-                   task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: int = 0,
-                   train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
-                   seed: int = 0, ood: str | None = "mnist5k", out_dir: str | Path | None = None,
-                   progress: bool = True, vectorized: bool = True, accelerator=None, parallel: str = "data",
-                   resume: bool = False, checkpoint_every: int | None = None) -> tuple[Ensemble, dict, dict]:
-    """Train a K-member ensemble of ``spec`` slices; return ``(ensemble, report, arrays)``.
+def _step_fn(model, train: TensorData, config: TrainConfig) -> Callable[[], None]:
+    """One optimizer step of ``model`` on a fixed augmented batch (for timing only: ``model`` is a throwaway)."""
+    g = torch.Generator().manual_seed(config.seed)
+    x, y = next(iter(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)))
+    if model.data == "own":
+        x, y = x.expand(model.members, *x.shape).contiguous(), y.expand(model.members, -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=config.momentum)
+    model.train()
 
-    ``report`` is JSON-ready; ``arrays`` holds the test and OOD logits for plots. ``accelerator``,
-    ``parallel``, ``resume`` and ``checkpoint_every`` go to :func:`~shared_backbone.train.fit`.
+    def step() -> None:
+        logits = model(x)  # (K, N, C)
+        target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()) * logits.shape[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def equal_cost_steps(steps: dict[str, Callable[[], None]], repeats: int = 5,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds of one call of each function in ``steps``, timed interleaved.
+
+    Each round calls every function once, in turn, after one untimed warm-up round, so a load
+    that comes and goes on a shared machine slows all of them alike and their ratios hold.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    for fn in steps.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t = clock()
+            fn()
+            times[name].append(clock() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _predict_all(model, test: TensorData, ood_data: TensorData | None, config: TrainConfig,
+                 record: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = record.pop("_test_logits") if "_test_logits" in record else predict(model, test, config.eval_batch_size)
+    ood_logits = predict(model, ood_data, config.eval_batch_size) if ood_data is not None else None
+    return logits, ood_logits
+
+
+def _side(kind: str, members: int, metrics: dict, record: dict, train_seconds: float, stored_bytes: int,
+          steps: int, **extra) -> dict:
+    """One arm of the comparison, in the same fields for the ensemble and its baseline."""
+    return {"kind": kind, "members": members, "steps": steps, "train_seconds": train_seconds,
+            "stored_bytes": stored_bytes, "metrics": metrics,
+            "history": record.get("history", []), **extra}
+
+
+def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet20", backbone_cfg: dict | None = None,
+                   task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: float = 0,
+                   full_config: TrainConfig | None = None, member_init: str | None = None,
+                   train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
+                   seed: int = 0, ood: str | None = "mnist5k", baseline: str = "single",
+                   deep_members: int | None = None, out_dir: str | Path | None = None,
+                   progress: bool = True, vectorized: bool = True, accelerator=None, parallel: str = "data",
+                   resume: bool = False, checkpoint_every: int | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[Ensemble, dict, dict]:
+    """Train a K-member ensemble of ``spec`` slices and, in the same run, its equal-cost baseline.
+
+    Returns ``(ensemble, report, arrays)``: ``report`` is JSON-ready, with both arms under
+    ``report["ensemble"]`` and ``report["baseline"]`` (same fields, same evaluation code) and the
+    ensemble's own fields at the top level as before; ``arrays`` holds test and OOD logits.
+
+    ``warm_start_epochs`` (fractions allowed) first trains the full network with ``full_config``
+    (default: ``config``) and freezes it. ``member_init``: ``"random"`` re-draws each member's
+    learned rows (the default without a warm start), ``"backbone"`` copies the frozen values
+    (the default after one; members then need ``data="own"`` to differ, which is then chosen).
+
+    ``baseline``: ``"single"`` trains one ``Full()`` model of the same backbone, seed, data and
+    ``full_config`` for the ensemble's whole cost, warm start included; ``"deep"`` trains as many
+    independent full models as fit (``deep_members``, default ``min(K, budget in epochs)``, at
+    least 1); ``"none"`` skips it. The cost is made equal in steps, so that the cosine schedule
+    knows its length: before training, one step of the ensemble and one of the baseline are
+    timed interleaved (:func:`equal_cost_steps`, medians of 5, ``clock``), and the baseline gets
+    ``warm steps + ensemble steps * t_ensemble / t_baseline`` steps (a warm-start step *is* a
+    baseline step). Both arms' measured train seconds are reported beside it.
+
+    ``accelerator``, ``parallel``, ``resume`` and ``checkpoint_every`` go to the ensemble's
+    :func:`~shared_backbone.train.fit`.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if warm_start_epochs < 0:
+        raise ValueError(f"warm_start_epochs must be >= 0, got {warm_start_epochs!r}")
     config = config or TrainConfig(seed=seed)
+    full_config = full_config or config
     train, test, card = load_train_test(task, train_subset, test_subset, seed)
     cfg = {"in_channels": card.input_shape[0], "num_classes": card.num_classes, **(backbone_cfg or {})}
+    member_init = member_init or ("backbone" if warm_start_epochs else "random")
+    if member_init == "backbone" and data == "shared" and members > 1:
+        data = "own"  # same start: members differ by their data order
+    ood_data = None
+    if ood == "mnist5k":
+        images, _ = mnist5k()
+        ood_data = TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
+    elif ood is not None:
+        raise ValueError(f"unknown OOD set {ood!r}; available: 'mnist5k' or None")
+
+    # the cost of one step of each arm, measured side by side before anything trains
+    per_epoch = _steps_per_epoch(len(train), config)
+    full_per_epoch = _steps_per_epoch(len(train), full_config)
+    warm_steps = max(1, round(warm_start_epochs * full_per_epoch)) if warm_start_epochs else 0
+    ens_steps = per_epoch * config.epochs
+    timing: dict = {}
+    if baseline != "none":
+        random_frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
+        probes = {"ensemble": Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
+                                       vectorized=vectorized),
+                  "single": Ensemble(random_frozen, Full(), members=1, member_init="backbone")}
+        step_seconds = equal_cost_steps({k: _step_fn(m, train, config if k == "ensemble" else full_config)
+                                         for k, m in probes.items()}, clock=clock)
+        ratio = step_seconds["ensemble"] / max(step_seconds["single"], 1e-12)
+        budget = max(1, round(warm_steps + ens_steps * ratio))  # in single-model steps
+        timing = {"step_seconds": step_seconds, "ensemble_step_in_single_steps": ratio,
+                  "warm_steps": warm_steps, "ensemble_steps": ens_steps, "budget_single_steps": budget}
+        if baseline == "deep":
+            m = deep_members or max(1, min(members, budget // full_per_epoch))
+            deep = Ensemble(random_frozen, Full(), members=m, member_init="random", seed=seed, data="own",
+                            vectorized=vectorized)
+            deep_seconds = equal_cost_steps({"single": _step_fn(probes["single"], train, full_config),
+                                             "deep": _step_fn(deep, train, full_config)}, clock=clock)
+            timing["deep_step_in_single_steps"] = deep_seconds["deep"] / max(deep_seconds["single"], 1e-12)
+            timing["deep_members"] = m
+        del probes
+
     t0 = time.perf_counter()
     if warm_start_epochs:
-        frozen = warm_start(backbone, cfg, train, warm_start_epochs, config, seed, progress, accelerator)
-        member_init = "backbone"
-        data = "own" if data == "shared" else data  # same start: members differ by their data order
+        frozen = warm_start(backbone, cfg, train, warm_start_epochs, full_config, seed, progress, accelerator)
     else:
         frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
-        member_init = "random"
     warm_seconds = time.perf_counter() - t0
     ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
                    vectorized=vectorized)
     record = fit(ens, train, test, config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
                  resume=resume, checkpoint_every=checkpoint_every, progress=progress)
-    logits = record.pop("_test_logits")
+    logits, ood_logits = _predict_all(ens, test, ood_data, config, record)
     arrays = {"test_logits": logits, "test_labels": test.y.cpu()}
-    ood_logits = None
-    if ood == "mnist5k":
-        images, _ = mnist5k()
-        ood_data = TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
-        ood_logits = predict(ens, ood_data, config.eval_batch_size)
+    if ood_logits is not None:
         arrays["ood_logits"] = ood_logits
-    elif ood is not None:
-        raise ValueError(f"unknown OOD set {ood!r}; available: 'mnist5k' or None")
     metrics = evaluate_ensemble(logits, test.y.cpu(), ood_logits)
     counts = describe(frozen, spec, members=members, verbose=False)
+    full_bytes = counts["total"] * 4
+    ens_seconds = warm_seconds + record["train_seconds"]
     report = {
         "task": task, "backbone": backbone, "backbone_config": cfg, "spec": repr(spec), "members": members,
-        "data": data, "warm_start_epochs": warm_start_epochs, "train_size": len(train), "test_size": len(test),
+        "data": data, "member_init": member_init, "warm_start_epochs": warm_start_epochs,
+        "train_size": len(train), "test_size": len(test),
         "fingerprint": frozen.fingerprint, "train": {k: v for k, v in record.items() if k != "test"},
         "warm_start_seconds": warm_seconds, "wall_seconds": time.perf_counter() - t0,
         "params": {"backbone_total": counts["total"], "learned_per_member": counts["learnable"],
                    "learned_all_members": counts["learnable"] * members,
                    "stored_bytes_per_member": counts["stored_bytes"],
-                   "full_model_bytes": counts["total"] * 4},
+                   "full_model_bytes": full_bytes},
         "metrics": metrics,
     }
+    # a warm-started backbone cannot be regenerated from a seed: it is stored once beside the slices
+    stored = counts["stored_bytes"] * members + (0 if frozen.regenerable else full_bytes)
+    report["ensemble"] = _side(f"{members} x {spec!r}", members, metrics, record, ens_seconds, stored,
+                               warm_steps + record["steps"], warm_steps=warm_steps,
+                               stored_bytes_per_member=counts["stored_bytes"])
+    report["baseline"] = None
+    if baseline != "none":
+        k = timing.get("deep_members", 1)
+        steps = timing["budget_single_steps"] if baseline == "single" else \
+            max(1, round(timing["budget_single_steps"] / timing["deep_step_in_single_steps"]))
+        base = Ensemble(FrozenBackbone(build_backbone(backbone, **cfg), seed=seed), Full(), members=k,
+                        member_init="backbone" if k == 1 else "random", seed=seed,
+                        data="shared" if k == 1 else "own", vectorized=vectorized)
+        base_cfg = _config_for_steps(full_config, steps, len(train))
+        brecord = fit(base, train, test, base_cfg, accelerator=accelerator, progress=progress)
+        b_logits, b_ood = _predict_all(base, test, ood_data, base_cfg, brecord)
+        arrays["baseline_test_logits"] = b_logits
+        if b_ood is not None:
+            arrays["baseline_ood_logits"] = b_ood
+        report["baseline"] = _side(f"{k} x Full()", k, evaluate_ensemble(b_logits, test.y.cpu(), b_ood), brecord,
+                                   brecord["train_seconds"], full_bytes * k, brecord["steps"], timing=timing)
     return ens, report, arrays
 
 
+_ROWS = (("accuracy", "accuracy", "{:.4f}"), ("NLL", "nll", "{:.4f}"), ("ECE (15 bins)", "ece", "{:.4f}"),
+         ("Brier", "brier", "{:.4f}"), ("OOD AUROC max-prob", "ood_auroc_max_prob", "{:.4f}"),
+         ("OOD AUROC mutual-info", "ood_auroc_mutual_info", "{:.4f}"),
+         ("FPR@95 max-prob", "ood_fpr95_max_prob", "{:.4f}"),
+         ("FPR@95 mutual-info", "ood_fpr95_mutual_info", "{:.4f}"))
+
+
+def _comparison(r: dict) -> list[str]:
+    """The ensemble and its equal-cost baseline side by side, one row per metric."""
+    sides = [r["ensemble"]] + ([r["baseline"]] if r.get("baseline") else [])
+    names = [f"ensemble K={sides[0]['members']}"] + [
+        f"{'1 full model' if s['members'] == 1 else str(s['members']) + ' full models'}" for s in sides[1:]]
+    lines = [f"{'same wall-clock budget':<24}" + "".join(f"{n:>16}" for n in names)]
+    for label, key, fmt in _ROWS:
+        if key not in sides[0]["metrics"]:
+            continue
+        cells = []
+        for s in sides:
+            v = s["metrics"].get(key)
+            single = s["members"] == 1 and "mutual" in key  # one model has no member disagreement
+            cells.append("-" if v is None or single else fmt.format(v))
+        lines.append(f"{label:<24}" + "".join(f"{c:>16}" for c in cells))
+    lines.append(f"{'train seconds':<24}" + "".join(f"{s['train_seconds']:>16.1f}" for s in sides))
+    lines.append(f"{'steps':<24}" + "".join(f"{s['steps']:>16,}" for s in sides))
+    lines.append(f"{'bytes stored':<24}" + "".join(f"{s['stored_bytes']:>16,}" for s in sides))
+    if len(sides) > 1:
+        t = sides[1]["timing"]
+        lines.append(f"equal cost: one ensemble step = {t['ensemble_step_in_single_steps']:.2f} single-model steps "
+                     f"(timed interleaved); budget {t['budget_single_steps']:,} single-model steps "
+                     f"= {t['warm_steps']:,} warm + {t['ensemble_steps']:,} x {t['ensemble_step_in_single_steps']:.2f}")
+    return lines
+
+
 def format_report(r: dict) -> str:
-    """A readable table of one ensemble report."""
+    """A readable table of one ensemble report, with its equal-cost baseline beside it when there is one."""
     m, p = r["metrics"], r["params"]
     lines = [
         f"{r['members']} x {r['backbone']} {r['spec']} on {r['task']} "
@@ -111,13 +297,12 @@ def format_report(r: dict) -> str:
         f"{'mean member':<22}{m['mean_member_accuracy']:>10.4f}{sum(m['member_nll']) / len(m['member_nll']):>10.4f}",
         f"{'ensemble (mean prob)':<22}{m['accuracy']:>10.4f}{m['nll']:>10.4f}",
         "",
-        f"calibration: ECE(15 bins) {m['ece']:.4f}   Brier {m['brier']:.4f}   member disagreement {m['disagreement']:.4f}",
+        f"member disagreement {m['disagreement']:.4f}",
     ]
-    if "ood_auroc_max_prob" in m:
-        lines.append(
-            f"OOD (MNIST digits): AUROC max-prob {m['ood_auroc_max_prob']:.4f} / mutual-info "
-            f"{m['ood_auroc_mutual_info']:.4f}; FPR@95 {m['ood_fpr95_max_prob']:.4f} / {m['ood_fpr95_mutual_info']:.4f}"
-        )
+    if "ensemble" in r:
+        lines += [""] + _comparison(r) + [""]
+    else:  # a report from before the comparison existed
+        lines.append(f"calibration: ECE(15 bins) {m['ece']:.4f}   Brier {m['brier']:.4f}")
     lines += [
         f"parameters: backbone {p['backbone_total']:,} shared; learned {p['learned_per_member']:,} per member, "
         f"{p['learned_all_members']:,} in all",

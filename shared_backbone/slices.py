@@ -25,6 +25,32 @@ _BN = nn.modules.batchnorm._NormBase
 _STAGE_ALIASES = {"conv1": "stem", "fc": "head"}
 
 
+def _check_stage_names(stages) -> tuple[str, ...] | None:
+    """``None`` (every stage) or a non-empty tuple of stage names, checked for type only."""
+    if stages is None:
+        return None
+    if isinstance(stages, str):
+        stages = (stages,)
+    stages = tuple(stages)
+    if not stages or not all(isinstance(s, str) and s for s in stages):
+        raise ValueError(f"stages must be None (every stage) or stage names such as ('block3',), got {stages!r}")
+    return stages
+
+
+def _stage_filter(spec: "SliceSpec", backbone: nn.Module, stages: tuple[str, ...] | None):
+    """A predicate on module names: inside one of ``stages`` (every module when ``None``)."""
+    if stages is None:
+        return lambda mname: True
+    known = list(backbone.stages.keys())
+    names = [_STAGE_ALIASES.get(s, s) for s in stages]
+    bad = [s for s, n in zip(stages, names) if n not in known]
+    if bad:
+        raise ValueError(f"{spec!r}: unknown stage {bad[0]!r} for {getattr(backbone, 'arch', 'this backbone')}; "
+                         f"stages: {', '.join(known)} (aliases: conv1=stem, fc=head)")
+    prefixes = tuple(f"stages.{n}." for n in names)
+    return lambda mname: f"{mname}.".startswith(prefixes)
+
+
 @dataclass(frozen=True)
 class ParamSlice:
     """What a member learns of one parameter: all of it (``dim is None``) or its first ``n`` along ``dim``."""
@@ -120,11 +146,14 @@ class Filters(SliceSpec):
     ``dim=0`` slices output filters (bias too), ``dim=1`` inputs, ``dim=2, 3`` kernel rows/columns
     (the paper's Figure 2). The fixed rest keeps its frozen random values (``fixed="random"``)
     or is zero (``fixed="zero"``). Shortcut 1x1 convs are included; fc layers are not.
+    ``stages=("block3",)`` restricts it to the convs of those stages (default: every stage), so
+    that the stages before them run once for all members.
     """
 
     kind = "filters"
 
-    def __init__(self, p: float | None = None, *, k: int | None = None, dim: int = 0, fixed: str = "random"):
+    def __init__(self, p: float | None = None, *, k: int | None = None, dim: int = 0, fixed: str = "random",
+                 stages: tuple[str, ...] | list[str] | None = None):
         if (p is None) == (k is None):
             raise ValueError(f"Filters takes exactly one of p (a fraction) or k (a count), got p={p!r}, k={k!r}")
         if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
@@ -136,6 +165,7 @@ class Filters(SliceSpec):
         if fixed not in ("random", "zero"):
             raise ValueError(f"Filters fixed must be 'random' or 'zero', got {fixed!r}")
         self.p, self.k, self.dim, self.fixed = (None if p is None else float(p)), k, dim, fixed
+        self.stages = _check_stage_names(stages)
 
     def _args(self) -> dict:
         out = {"p": self.p} if self.p is not None else {"k": self.k}
@@ -143,6 +173,8 @@ class Filters(SliceSpec):
             out["dim"] = self.dim
         if self.fixed != "random":
             out["fixed"] = self.fixed
+        if self.stages is not None:
+            out["stages"] = list(self.stages)
         return out
 
     def __repr__(self) -> str:
@@ -154,8 +186,9 @@ class Filters(SliceSpec):
     def select(self, backbone: nn.Module) -> dict[str, ParamSlice]:
         out: dict[str, ParamSlice] = {}
         empty = []
+        inside = _stage_filter(self, backbone, self.stages)
         for mname, m in backbone.named_modules():
-            if not isinstance(m, nn.Conv2d):
+            if not isinstance(m, nn.Conv2d) or not inside(mname):
                 continue
             size = m.weight.shape[self.dim]
             if self.k is not None:
@@ -184,15 +217,22 @@ class Filters(SliceSpec):
 
 
 class BatchNorm(SliceSpec):
-    """Every BatchNorm's affine gamma and beta."""
+    """Every BatchNorm's affine gamma and beta (``stages=("block3",)``: only those stages')."""
 
     kind = "batchnorm"
 
+    def __init__(self, *, stages: tuple[str, ...] | list[str] | None = None):
+        self.stages = _check_stage_names(stages)
+
+    def _args(self) -> dict:
+        return {} if self.stages is None else {"stages": list(self.stages)}
+
     def select(self, backbone: nn.Module) -> dict[str, ParamSlice]:
+        inside = _stage_filter(self, backbone, self.stages)
         return {
             f"{mname}.{pname}": ParamSlice()
             for mname, m in backbone.named_modules()
-            if isinstance(m, _BN)
+            if isinstance(m, _BN) and inside(mname)
             for pname, _ in m.named_parameters(recurse=False)
         }
 

@@ -66,6 +66,9 @@ def test_train_ensemble_script_end_to_end(tmp_path, capsys):
     assert repr(ens.spec) == results["spec"]
     printed = capsys.readouterr().out
     assert "results.json" in printed and "ensemble (mean prob)" in printed
+    # the equal-cost baseline (the default --baseline single) beside it, in the file and the table
+    assert results["ensemble"]["metrics"]["accuracy"] == m["accuracy"] and results["baseline"]["members"] == 1
+    assert results["baseline"]["steps"] >= 1 and "1 full model" in printed
 
     # the saved ensemble predicts what the run measured: accuracy on the same 64 test images
     from shared_backbone.recipes import load_train_test

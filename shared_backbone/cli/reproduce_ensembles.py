@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
                                      train_subset=args.train_subset or None, test_subset=args.test_subset or None,
                                      seed=args.seed, progress=not args.no_progress,
                                      vectorized=args.execution == "vmap", out_dir=store.arm_dir(label),
-                                     resume=args.resume, checkpoint_every=args.checkpoint_every)
+                                     resume=args.resume, checkpoint_every=args.checkpoint_every, baseline="none")
             m = r["metrics"]
             row = store.finish(label, {
                 "model": label, "spec": repr(spec), "learned": r["params"]["learned_all_members"],

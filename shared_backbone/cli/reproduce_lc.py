@@ -132,7 +132,8 @@ def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path |
     ens, report, _ = train_ensemble(spec, members=1, backbone=backbone, backbone_cfg=bcfg, config=config,
                                     train_subset=args.train_subset or None, test_subset=args.test_subset or None,
                                     seed=args.seed, ood=None, progress=not args.no_progress, out_dir=out_dir,
-                                    resume=args.resume, checkpoint_every=args.checkpoint_every if out_dir else None)
+                                    resume=args.resume, checkpoint_every=args.checkpoint_every if out_dir else None,
+                                    baseline="none")
     member = ens.member(0).eval()
     _, test, _ = load_train_test("fashion_mnist", args.train_subset or None, args.test_subset or None, args.seed)
     fve = fve_report(member)

@@ -61,7 +61,7 @@ def main(argv=None) -> list[dict]:
             _, report, _ = train_ensemble(spec, members=1, backbone=args.backbone, backbone_cfg=backbone_cfg,
                                           config=config, train_subset=args.train_subset or None, seed=args.seed,
                                           ood=None, progress=not args.no_progress, out_dir=store.arm_dir(name),
-                                          resume=args.resume, checkpoint_every=args.checkpoint_every)
+                                          resume=args.resume, checkpoint_every=args.checkpoint_every, baseline="none")
             row = store.finish(name, {
                 "spec": repr(spec), "test_accuracy": report["metrics"]["accuracy"],
                 "test_nll": report["metrics"]["nll"], "learned": report["params"]["learned_per_member"],

@@ -33,7 +33,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--members", type=int, default=8, help="K, ensemble members")
     ap.add_argument("--slice", default="Filters(0.1)+BatchNorm()+Head()", help="what each member learns")
     ap.add_argument("--task", default="fashion_mnist", help="a shipped task card's name, or a path to a .toml card")
-    ap.add_argument("--warm-start-epochs", type=int, default=0, help="train the full net first, then freeze it")
+    ap.add_argument("--warm-start-epochs", type=float, default=0,
+                    help="train the full net first (fractions allowed), then freeze it")
+    ap.add_argument("--member-init", choices=["random", "backbone"], default=None,
+                    help="members' learned rows: drawn afresh, or copied from the backbone (default: backbone after "
+                         "a warm start)")
+    ap.add_argument("--baseline", choices=["none", "single", "deep"], default="single",
+                    help="also train, at the ensemble's cost, one full model or a deep ensemble of full models")
     ap.add_argument("--train-subset", type=int, default=10000, help="0 = the whole training split")
     ap.add_argument("--test-subset", type=int, default=5000, help="0 = the whole test split")
     ap.add_argument("--data", choices=["shared", "own"], default="shared", help="same batches for all members, or own shuffles")
@@ -73,14 +79,15 @@ def main(argv=None) -> dict:
         train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
         seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out, progress=not args.no_progress,
         vectorized=execution == "vmap", accelerator=accelerator, parallel=args.parallel, resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, baseline=args.baseline, member_init=args.member_init,
     )
     report["execution"] = execution
     report["mixed_precision"] = args.mixed_precision
     if main_process:
         save_ensemble(ens, out / "ensemble")
         write_json(out / "results.json", report)
-        plot_ensemble_report(report["metrics"], out / "report.png")
+        plot_ensemble_report(report["metrics"], out / "report.png",
+                             baseline=report["baseline"]["metrics"] if report["baseline"] else None)
         print()
         print(format_report(report))
         print(f"\nresults: {out / 'results.json'}   plot: {out / 'report.png'}   ensemble: {out / 'ensemble'}/")
