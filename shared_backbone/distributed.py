@@ -3,7 +3,7 @@
 - **data-parallel**: every process holds all members (or tasks) and trains on its shard of each
   global batch; Accelerate wraps the stack in DDP, which averages the slices' gradients. BatchNorm
   statistics are computed on each process's shard, as in any DDP run without SyncBatchNorm.
-- **member-parallel**: members are split over processes (``split_between_processes``); each
+- **member-parallel**: members are split over processes (:func:`member_split`); each
   process trains its own members on the whole data stream and nothing crosses processes until
   the logits are gathered for ensemble metrics. Never wrapped in DDP: DDP broadcasts rank 0's
   parameters and buffers at construction and would overwrite every other rank's members.
@@ -71,7 +71,8 @@ def check_process_group(accelerator) -> None:
 def member_split(members: int, num_processes: int, index: int) -> list[int]:
     """The members process ``index`` of ``num_processes`` trains: a contiguous run, the first ones longer.
 
-    The same split ``accelerate``'s ``split_between_processes`` makes.
+    The same split ``accelerate``'s ``split_between_processes`` makes; :func:`~shared_backbone.train.fit`
+    uses this one, which also gives every other process's count (to gather their members).
     """
     if num_processes > members:
         raise ValueError(

@@ -1,5 +1,9 @@
 """Training slices with HF Accelerate: SGD/Nesterov + cosine, label smoothing, resume.
 
+:func:`fit` runs in phases of one screen each: ``_set_up`` (processes, members, optimiser, loss
+terms), ``_restore`` (a checkpoint's state and position), ``_prepare`` (schedule, DDP, data on the
+device), ``_one_epoch`` (steps, sums, checkpoints) and ``_finish`` (members gathered, precise BN,
+test metrics); a ``_Run`` carries the state between them. Checkpoint files: :mod:`._checkpoint`.
 Model code never imports this module; scripts do.
 """
 from __future__ import annotations
@@ -9,29 +13,29 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from . import regularizers as _regularizers
+from ._checkpoint import (CHECKPOINT_STATE, RESUMABLE_CHANGES, ResumeMismatch, _full_state, _identity,
+                          _load_checkpoint, _save_checkpoint)
 from .data import TensorData
+from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
 from .ensemble import MemberStack
-from .io import header_shapes, read_artifact, tensors_from_bytes, tensors_to_bytes, write_artifact, write_json
-from .schema import FORMAT_VERSION, CheckpointState
-from .lc import l1_penalty, pointwise_weights
+from .io import write_json
+from .metrics import evaluate_ensemble
+from .regularizers import Regularizer
 
 __all__ = ["TrainConfig", "fit", "predict", "predict_sharded", "recalibrate_bn", "NonFiniteLoss", "ResumeMismatch",
-           "RESUMABLE_CHANGES"]
-
-RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "precise_bn")  # recipe fields --resume lets change
+           "RESUMABLE_CHANGES", "Regularizer"]
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss, or a learned weight after a step, became NaN or infinite."""
-
-
-class ResumeMismatch(ValueError):
-    """The checkpoint was made by another run (backbone, spec, members, seed or recipe differ)."""
 
 
 @dataclass
@@ -168,116 +172,7 @@ def recalibrate_bn(model: MemberStack, data: TensorData, num_batches: int, batch
     return used
 
 
-def _gather_members(accelerator, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Concatenate every process's ``(K_p, ...)`` members along dim 0 (padded to one size for the collective)."""
-    if accelerator.num_processes == 1:
-        return t
-    kmax = max(counts)
-    pad = t.new_zeros(kmax - t.shape[0], *t.shape[1:])
-    every = accelerator.gather(torch.cat([t, pad]).contiguous())  # (P * kmax, ...)
-    return torch.cat([every[p * kmax: p * kmax + c] for p, c in enumerate(counts)])
-
-
-def _momenta(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
-    return [opt.state.get(p, {}).get("momentum_buffer") for p in params]
-
-
-def _full_state(accelerator, full: MemberStack, local: MemberStack, opt, params, counts) -> dict[str, torch.Tensor]:
-    """The whole stack's slices, statistics and momenta, gathered from every process when members are split."""
-    split = local is not full
-    tensors = {}
-    for k, v in local.state_dict().items():
-        member_axis = k.startswith(("slices.", "member_stats."))
-        tensors[f"model/{k}"] = (_gather_members(accelerator, v.detach(), counts) if split and member_axis
-                                 else v.detach()).cpu()
-    for i, m in enumerate(_momenta(opt, params)):
-        if m is not None:
-            tensors[f"optim/{i}/momentum_buffer"] = (_gather_members(accelerator, m, counts) if split else m).cpu()
-    return tensors
-
-
-CHECKPOINT_STATE = "state.json"  # the checkpoint's manifest: position, identity, recipe, history, file hashes
-CHECKPOINT_TENSORS = "state.safetensors"
-
-
-def _identity(full: MemberStack) -> dict:
-    """What a checkpoint continues: the backbone, the spec, the members (checked on resume)."""
-    spec = getattr(full, "spec", None)
-    return {"fingerprint": full.frozen_ref, "spec": repr(spec) if spec is not None else repr(sorted(full.layout)),
-            "members": full.members, "member_ids": list(full.member_ids), "data": full.data}
-
-
-def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], position: dict, cfg: TrainConfig,
-                     identity: dict, history: list) -> None:
-    """One artifact: ``state.safetensors`` (slices, statistics, momenta) then ``state.json`` (its manifest)."""
-    data = tensors_to_bytes(tensors, finite="a checkpoint")
-    write_artifact(path, CHECKPOINT_STATE, {"format_version": FORMAT_VERSION, "kind": "checkpoint", **position,
-                                            **identity, "config": asdict(cfg), "history": history},
-                   {CHECKPOINT_TENSORS: data})
-
-
-def _check_resume(state: CheckpointState, raw: dict, identity: dict, cfg: TrainConfig, path: Path) -> None:
-    """Refuse a checkpoint of another run, naming every difference and what may change."""
-    diffs = [f"{k}: checkpoint {raw.get(k)!r}, now {v!r}" for k, v in identity.items() if raw.get(k) != v]
-    now = asdict(cfg)
-    for k, v in now.items():
-        if k not in RESUMABLE_CHANGES and state.config.get(k, v) != v:
-            diffs.append(f"{k}: checkpoint {state.config.get(k)!r}, now {v!r}")
-    unknown = sorted(set(state.config) - set(now))
-    if unknown:
-        diffs.append(f"recipe fields this library does not know: {unknown[:4]}")
-    if state.epoch > cfg.epochs:
-        diffs.append(f"epochs: the checkpoint is at epoch {state.epoch}, past the {cfg.epochs} asked for")
-    if diffs:
-        raise ResumeMismatch(f"cannot resume from {path}: it was made by another run; " + "; ".join(diffs) +
-                             f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume (epochs to train "
-                             "longer); start in a new output folder to train anything else")
-
-
-def _load_checkpoint(path: Path, full: MemberStack, local: MemberStack, opt: torch.optim.Optimizer, params,
-                     ids: list[int] | None, cfg: TrainConfig, steps: int) -> CheckpointState:
-    """Verify the checkpoint (manifest, identity, recipe, every tensor) and load it into ``local``
-    (its members ``ids`` only, when split)."""
-    state, files = read_artifact(path, CHECKPOINT_STATE, CheckpointState.from_dict)
-    from .io import read_config
-
-    _check_resume(state, read_config(path / CHECKPOINT_STATE), _identity(full), cfg, path)
-    if state.step != state.epoch * steps + state.step_in_epoch or state.step_in_epoch >= steps:
-        raise ResumeMismatch(f"{path / CHECKPOINT_STATE}: position epoch {state.epoch}, step {state.step_in_epoch} "
-                             f"of the epoch, step {state.step} overall does not fit {steps} steps per epoch")
-    where = str(path / CHECKPOINT_TENSORS)
-    if CHECKPOINT_TENSORS not in files:
-        raise ValueError(f"{path / CHECKPOINT_STATE} lists no {CHECKPOINT_TENSORS}")
-    raw = files[CHECKPOINT_TENSORS]
-    want = {f"model/{k}": (tuple(v.shape), v.dtype) for k, v in full.state_dict().items()}
-    k_full = full.members
-    for i, p in enumerate(params):  # momenta: the whole stack's shape
-        shape = (k_full, *p.shape[1:]) if ids is not None else tuple(p.shape)
-        want[f"optim/{i}/momentum_buffer"] = (shape, p.dtype)
-    have = header_shapes(raw, where)
-    missing = sorted(k for k in want if k.startswith("model/") and k not in have)
-    extra = sorted(set(have) - set(want))
-    bad = [f"{k} {have[k]} (expected {want[k]})" for k in have if k in want and have[k] != want[k]]
-    if missing or extra or bad:
-        raise ValueError(f"{where} does not hold this model's state: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"wrong shape or dtype {bad[:3]}")
-    tensors, _ = tensors_from_bytes(raw, where)
-    model_state = {}
-    for k, v in tensors.items():
-        if k.startswith("model/"):
-            k = k[len("model/"):]
-            model_state[k] = v[ids] if ids is not None and k.startswith(("slices.", "member_stats.")) else v
-    local.load_state_dict(model_state)
-    for i, p in enumerate(params):
-        m = tensors.get(f"optim/{i}/momentum_buffer")
-        if m is not None:
-            opt.state[p]["momentum_buffer"] = (m[ids] if ids is not None else m).to(p.device).clone()
-    return state
-
-
 def _eval_loader(accelerator, data: TensorData, batch_size: int):
-    from torch.utils.data import DataLoader, TensorDataset
-
     return accelerator.prepare_data_loader(DataLoader(TensorDataset(data.x, data.y), batch_size=batch_size))
 
 
@@ -295,13 +190,224 @@ def predict_sharded(model: MemberStack, data: TensorData, accelerator, batch_siz
     return torch.cat(outs).transpose(0, 1)
 
 
+@dataclass
+class _Run:
+    """What one call of :func:`fit` carries from phase to phase."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    parallel: str
+    procs: int  # processes taking part (1 for parallel="local")
+    rank: int
+    main_process: bool
+    full: MemberStack  # the whole stack, as passed in
+    local: MemberStack  # the members this process trains (``full`` itself unless members are split)
+    ids: list[int] | None  # those members' indices in ``full``, when split
+    counts: list[int] | None  # every process's member count, when split
+    params: list[torch.nn.Parameter]
+    opt: Any  # SGD; Accelerate's wrapper once prepared
+    regularizers: list[Regularizer]
+    steps: int  # per epoch
+    ckpt: Path | None
+    out_dir: Path | None
+    identity: dict
+    train: TensorData
+    history: list = field(default_factory=list)
+    step: int = 0
+    sched: Any = None
+    wrapped: Any = None  # ``local``, in DDP when data-parallel over several processes
+    sets: list[TensorData] | None = None  # one training set per member, for data="own"
+
+    @property
+    def split(self) -> bool:
+        return self.ids is not None
+
+    @property
+    def shard(self) -> bool:
+        return self.parallel == "data" and self.procs > 1
+
+
+def _set_up(model: MemberStack, train: TensorData, cfg: TrainConfig, accelerator, parallel: str,
+            out_dir: str | Path | None, checkpoint_every: int | None,
+            regularizers: Sequence[Regularizer]) -> _Run:
+    """Check the arguments, place this process's members on its device, build the optimiser and the loss terms."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
+    accelerator = accelerator or make_accelerator()
+    check_process_group(accelerator)
+    local_only = parallel == "local"  # this process alone, even under a launcher: no collective at all
+    procs, rank = (1, 0) if local_only else (accelerator.num_processes, accelerator.process_index)
+    ids = counts = None
+    if parallel == "members" and procs > 1:  # a contiguous run of members per process; refuses K < processes
+        ids = member_split(model.members, procs, rank)
+        counts = [len(member_split(model.members, procs, p)) for p in range(procs)]
+        local = model.select(ids).to(accelerator.device)
+    else:
+        local = model.to(accelerator.device)
+    terms = _regularizers.from_config(cfg, local) + list(regularizers)
+    params = [p for p in local.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    if len(train) == 0:
+        raise ValueError("the training set is empty: nothing to train on (check the task's split and subset sizes)")
+    return _Run(cfg=cfg, accelerator=accelerator, parallel=parallel, procs=procs, rank=rank,
+                main_process=local_only or accelerator.is_main_process, full=model, local=local, ids=ids,
+                counts=counts, params=params, opt=opt, regularizers=terms, steps=_steps_per_epoch(len(train), cfg),
+                ckpt=Path(out_dir) / "checkpoint" if out_dir else None, out_dir=Path(out_dir) if out_dir else None,
+                identity=_identity(model), train=train)
+
+
+_START = {"epoch": 0, "step_in_epoch": 0, "step": 0}
+
+
+def _restore(run: _Run) -> dict:
+    """Load the checkpoint, if there is one, into ``run``; return where training stands."""
+    if not (run.ckpt and (run.ckpt / CHECKPOINT_STATE).exists()):
+        return dict(_START)
+    meta = _load_checkpoint(run.ckpt, run.full, run.local, run.opt, run.params, run.ids, run.cfg, run.steps)
+    position = {"epoch": meta.epoch, "step_in_epoch": meta.step_in_epoch, "sums": meta.epoch_partial,
+                "step": meta.step}
+    run.history = [h for h in meta.history if isinstance(h, dict) and h.get("epoch", 0) <= position["epoch"]]
+    return position
+
+
+def _cosine(total: int) -> Callable[[int], float]:
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+
+def _prepare(run: _Run, step: int) -> None:
+    """The schedule at ``step``, DDP when it has something to average, the data on the device."""
+    cfg = run.cfg
+    for group in run.opt.param_groups:  # the schedule's base lr, as a fresh LambdaLR would record it
+        group.setdefault("initial_lr", group["lr"])
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _cosine(run.steps * cfg.epochs), last_epoch=step - 1)
+    run.step = step
+    run.wrapped = run.accelerator.prepare_model(run.local) if run.shard else run.local
+    run.opt = run.accelerator.prepare_optimizer(run.opt)
+    run.train = run.train.to(run.accelerator.device)
+    if run.local.data == "own":
+        gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in run.local.member_ids}
+        run.sets = [run.train.bootstrap(gens[i]) if cfg.bootstrap else run.train for i in run.local.member_ids]
+
+
+def _checkpoint(run: _Run, epoch: int, step_in_epoch: int, sums=(0.0, 0.0, 0.0)) -> None:
+    """Save the whole stack (a collective: every process calls it) with the running epoch's sums so far."""
+    acc = run.accelerator
+    tensors = _full_state(acc, run.full, run.local, run.opt.optimizer, run.params, run.counts)
+    # the running epoch's loss/accuracy sums over every process, so a resumed epoch reports them whole
+    sums = torch.tensor(sums, dtype=torch.float64, device=acc.device)
+    if run.procs > 1:
+        sums = acc.reduce(sums, "sum")
+    if run.main_process:
+        _save_checkpoint(run.ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": run.step,
+                                             "epoch_partial": sums.tolist()}, run.cfg, run.identity, run.history)
+        write_json(run.out_dir / "history.json", run.history)  # for people; resume reads the checkpoint's
+    if run.parallel != "local":
+        acc.wait_for_everyone()
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float, int]:
+    """One optimiser step on a batch; returns its (loss sum, correct, seen) over (member, sample) pairs."""
+    cfg, acc = run.cfg, run.accelerator
+    if run.shard:  # this process's part of the global batch
+        dim = y.dim() - 1
+        x, y = x.tensor_split(run.procs, dim=dim)[run.rank], y.tensor_split(run.procs, dim=dim)[run.rank]
+    with acc.autocast():
+        logits = run.wrapped(x)  # (K, N, C)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+        logits = logits.float()
+    target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (K, N)
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
+    loss = ce = ce * logits.shape[0]  # sum over members of each member's mean loss
+    for term in run.regularizers:  # summed over members too: each member's own penalty
+        loss = loss + term(run.local)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {run.step}; lower lr (now {cfg.lr}) "
+                            "or check the inputs for NaN")
+    run.opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    if not all(bool(torch.isfinite(p).all()) for p in run.params):
+        raise NonFiniteLoss(f"a learned weight became NaN or infinite after step {run.step} (epoch {epoch + 1}); "
+                            f"lower lr (now {cfg.lr})")
+    n = y.shape[-1]
+    # sums over (member, sample) pairs, so that the sums of all processes make the mean over every member
+    # and sample whether members or samples are split; the data loss, without the regularisers
+    return ce.item() * n, (logits.argmax(-1) == target).float().sum().item(), n * logits.shape[0]
+
+
+def _one_epoch(run: _Run, epoch: int, position: dict, checkpoint_every: int | None, on_step, progress: bool) -> None:
+    """Train one epoch (from ``position``'s step when resuming into it), record it, checkpoint at its end."""
+    cfg, steps = run.cfg, run.steps
+    skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
+    loss_sum, correct, seen = 0.0, 0.0, 0
+    if skip and run.main_process:  # resumed mid-epoch: the sums of the steps before the checkpoint (all processes)
+        loss_sum, correct, seen = position.get("sums", (0.0, 0.0, 0.0))
+    bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=None if progress and run.main_process else True)  # None: off when not a terminal
+    for i, (x, y) in enumerate(_member_batches(run.local, run.train, cfg, epoch, run.sets)):
+        if i >= steps:
+            break
+        if i < skip:  # resuming mid-epoch: replay the stream (same order, same augmentation draws)
+            continue
+        batch_loss, batch_correct, batch_seen = _train_step(run, x, y, epoch)
+        loss_sum += batch_loss
+        correct += batch_correct
+        seen += batch_seen
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                        lr=f"{run.sched.get_last_lr()[0]:.4f}")
+        bar.update()
+        if run.ckpt and checkpoint_every and run.step % checkpoint_every == 0 and i + 1 < steps:
+            _checkpoint(run, epoch, i + 1, (loss_sum, correct, float(seen)))
+        if on_step is not None:
+            on_step(run.step)
+    bar.close()
+    totals = torch.tensor([loss_sum, correct, float(seen)], dtype=torch.float64, device=run.accelerator.device)
+    if run.procs > 1:
+        totals = run.accelerator.reduce(totals, "sum")
+    loss_sum, correct, seen = totals.tolist()
+    run.history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                        "train_accuracy": correct / max(seen, 1)})
+    if run.ckpt:
+        _checkpoint(run, epoch + 1, 0)
+
+
+def _finish(run: _Run, test: TensorData | None, seconds: float) -> dict:
+    """Every member on every process, precise BN, the record and the test metrics."""
+    cfg, full = run.cfg, run.full
+    if run.split:  # every process ends with every member
+        with torch.no_grad():
+            state = _full_state(run.accelerator, full, run.local, run.opt.optimizer, run.params, run.counts)
+            full.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
+    if cfg.precise_bn:
+        recalibrate_bn(full, run.train, cfg.precise_bn, cfg.batch_size, cfg.seed)
+    record = {"config": asdict(cfg), "history": run.history, "train_seconds": seconds, "steps": run.step,
+              "processes": run.procs, "parallel": run.parallel}
+    if test is not None:
+        logits = predict_sharded(full, test, run.accelerator, cfg.eval_batch_size) if run.procs > 1 else \
+            predict(full, test, cfg.eval_batch_size)
+        if not bool(torch.isfinite(logits).all()):
+            warnings.warn(f"test logits hold NaN or infinite values after training (lr {cfg.lr}): the weights are "
+                          "finite but absurd; lower the learning rate", RuntimeWarning, stacklevel=3)
+        record["test"] = evaluate_ensemble(logits, test.y.cpu())
+        record["_test_logits"] = logits
+    return record
+
+
 def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, config: TrainConfig | None = None,
         *, accelerator=None, parallel: str = "data", out_dir: str | Path | None = None, resume: bool = False,
-        checkpoint_every: int | None = None, on_step=None, progress: bool = True) -> dict:
+        checkpoint_every: int | None = None, on_step=None, progress: bool = True,
+        regularizers: Sequence[Regularizer] = ()) -> dict:
     """Train every member's slice; return a JSON-ready record (losses, test logits' metrics, time).
 
     Each member gets its own cross-entropy; their sum is minimised, so K members train exactly as
-    K independent models would. A NaN or infinite loss stops training with :class:`NonFiniteLoss`.
+    K independent models would. ``regularizers`` (callables ``model -> scalar``) add loss terms, after
+    the ones ``config`` asks for (``l1_pointwise``; see :mod:`shared_backbone.regularizers`). A NaN or
+    infinite loss stops training with :class:`NonFiniteLoss`.
 
     Under ``accelerate launch``/``torchrun`` with several processes, ``parallel="data"`` shards each
     global batch over processes (DDP averages the gradients) and ``parallel="members"`` splits the
@@ -316,153 +422,12 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     ``parallel="local"`` trains on this process alone with no collective operation, also under a
     launcher: for task-parallel runs where each process trains its own tasks (``train_adapter.py``).
     """
-    from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
-
-    cfg = config or TrainConfig()
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
-    accelerator = accelerator or make_accelerator()
-    check_process_group(accelerator)
-    local_only = parallel == "local"  # this process alone, even under a launcher: no collective at all
-    procs, rank = (1, 0) if local_only else (accelerator.num_processes, accelerator.process_index)
-    main_process = local_only or accelerator.is_main_process
-    full = model
-    split = parallel == "members" and procs > 1
-    ids = counts = None
-    if split:
-        counts = [len(member_split(full.members, procs, p)) for p in range(procs)]  # refuses K < processes
-        with accelerator.split_between_processes(list(range(full.members))) as mine:
-            ids = list(mine)
-        local = full.select(ids).to(accelerator.device)
-    else:
-        local = full.to(accelerator.device)
-    if cfg.l1_pointwise and not pointwise_weights(local):
-        raise ValueError(f"l1_pointwise={cfg.l1_pointwise} but the slice learns no 1x1 conv weight; "
-                         "learn Pointwise() (or set l1_pointwise=0)")
-    params = [p for p in local.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
-    if len(train) == 0:
-        raise ValueError("the training set is empty: nothing to train on (check the task's split and subset sizes)")
-    steps = _steps_per_epoch(len(train), cfg)
-    total = steps * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    ckpt = Path(out_dir) / "checkpoint" if out_dir else None
-    position = {"epoch": 0, "step_in_epoch": 0, "step": 0}
-    history: list = []
-    identity = _identity(full)
-    if resume and ckpt and (ckpt / CHECKPOINT_STATE).exists():
-        meta = _load_checkpoint(ckpt, full, local, opt, params, ids, cfg, steps)
-        position = {"epoch": meta.epoch, "step_in_epoch": meta.step_in_epoch, "partial": meta.epoch_partial,
-                    "step": meta.step}
-        history = [h for h in meta.history if isinstance(h, dict) and h.get("epoch", 0) <= position["epoch"]]
-        sched.last_epoch = position["step"] - 1
-        with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()
-    # DDP only when it has something to average: data-parallel over several processes
-    wrapped = accelerator.prepare_model(local) if parallel == "data" and procs > 1 else local
-    opt = accelerator.prepare_optimizer(opt)
-    train = train.to(accelerator.device)
-    sets = None
-    if local.data == "own":
-        gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in local.member_ids}
-        sets = [train.bootstrap(gens[i]) if cfg.bootstrap else train for i in local.member_ids]
-    shard = parallel == "data" and procs > 1
-
-    def checkpoint(epoch: int, step_in_epoch: int, step: int, partial=(0.0, 0.0, 0.0)) -> None:
-        tensors = _full_state(accelerator, full, local, opt.optimizer, params, counts)  # collective: every rank
-        # the running epoch's loss/accuracy sums so far, over every process, so a resumed epoch reports them whole
-        partial = torch.tensor(partial, dtype=torch.float64, device=accelerator.device)
-        if procs > 1:
-            partial = accelerator.reduce(partial, "sum")
-        if main_process:
-            _save_checkpoint(ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                                             "epoch_partial": partial.tolist()}, cfg, identity, history)
-            write_json(Path(out_dir) / "history.json", history)  # for people; resume reads the checkpoint's
-        if not local_only:
-            accelerator.wait_for_everyone()
-
+    run = _set_up(model, train, config or TrainConfig(), accelerator, parallel, out_dir, checkpoint_every,
+                  regularizers)
+    position = _restore(run) if resume else dict(_START)
+    _prepare(run, position["step"])
     t0 = time.perf_counter()
-    wrapped.train()
-    step = position["step"]
-    for epoch in range(position["epoch"], cfg.epochs):
-        skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        loss_sum, correct, seen = 0.0, 0.0, 0
-        if skip and main_process:  # resumed mid-epoch: the sums of the steps before the checkpoint (all processes)
-            loss_sum, correct, seen = position.get("partial", (0.0, 0.0, 0.0))
-        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if progress and main_process else True)  # None: off when not a terminal
-        for i, (x, y) in enumerate(_member_batches(local, train, cfg, epoch, sets)):
-            if i >= steps:
-                break
-            if i < skip:  # resuming mid-epoch: replay the stream (same order, same augmentation draws)
-                continue
-            if shard:  # this process's part of the global batch
-                dim = y.dim() - 1
-                x, y = x.tensor_split(procs, dim=dim)[rank], y.tensor_split(procs, dim=dim)[rank]
-            with accelerator.autocast():
-                logits = wrapped(x)  # (K, N, C)
-            if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
-                logits = logits.float()
-            target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (K, N)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
-            loss = ce = loss * logits.shape[0]  # sum over members of each member's mean loss
-            if cfg.l1_pointwise:  # summed over members too: each member's own penalty
-                loss = ce + l1_penalty(local, cfg.l1_pointwise)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower lr (now {cfg.lr}) "
-                    "or check the inputs for NaN"
-                )
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            step += 1
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise NonFiniteLoss(f"a learned weight became NaN or infinite after step {step} (epoch {epoch + 1}); "
-                                    f"lower lr (now {cfg.lr})")
-            n = y.shape[-1]
-            # sums over (member, sample) pairs, so that the sums of all processes make the mean over every
-            # member and sample whether members or samples are split; the data loss, without the L1 penalty
-            loss_sum += ce.item() * n
-            correct += (logits.argmax(-1) == target).float().sum().item()
-            seen += n * logits.shape[0]
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-            bar.update()
-            if ckpt and checkpoint_every and step % checkpoint_every == 0 and i + 1 < steps:
-                checkpoint(epoch, i + 1, step, (loss_sum, correct, float(seen)))
-            if on_step is not None:
-                on_step(step)
-        bar.close()
-        totals = torch.tensor([loss_sum, correct, float(seen)], dtype=torch.float64, device=accelerator.device)
-        if procs > 1:
-            totals = accelerator.reduce(totals, "sum")
-        loss_sum, correct, seen = totals.tolist()
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                        "train_accuracy": correct / max(seen, 1)})
-        if ckpt:
-            checkpoint(epoch + 1, 0, step)
-    if split:  # every process ends with every member
-        with torch.no_grad():
-            state = _full_state(accelerator, full, local, opt.optimizer, params, counts)
-            full.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
-    if cfg.precise_bn:
-        recalibrate_bn(full, train, cfg.precise_bn, cfg.batch_size, cfg.seed)
-    record = {"config": asdict(cfg), "history": history, "train_seconds": time.perf_counter() - t0, "steps": step,
-              "processes": procs, "parallel": parallel}
-    if test is not None:
-        from .metrics import evaluate_ensemble
-
-        logits = predict_sharded(full, test, accelerator, cfg.eval_batch_size) if procs > 1 else \
-            predict(full, test, cfg.eval_batch_size)
-        if not bool(torch.isfinite(logits).all()):
-            warnings.warn(f"test logits hold NaN or infinite values after training (lr {cfg.lr}): the weights are "
-                          "finite but absurd; lower the learning rate", RuntimeWarning, stacklevel=2)
-        record["test"] = evaluate_ensemble(logits, test.y.cpu())
-        record["_test_logits"] = logits
-    return record
-
+    run.wrapped.train()
+    for epoch in range(position["epoch"], run.cfg.epochs):
+        _one_epoch(run, epoch, position, checkpoint_every, on_step, progress)
+    return _finish(run, test, time.perf_counter() - t0)

@@ -173,7 +173,7 @@ def test_hub_conversion_on_local_standin(monkeypatch):
     calls = []
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    monkeypatch.setattr(sbd, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(sbd.sources, "_hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split, **kw: calls.append((hub_id, split)) or fake)
     x, y = load_arrays(load_task("cifar10"), "test", source="auto")
     assert calls == [("uoft-cs/cifar10", "test")]

@@ -167,7 +167,7 @@ def test_reproduce_lc_trains_prunes_and_plots(tmp_path, monkeypatch, capsys):
         return (torch.randint(0, 256, (64, *card.input_shape), generator=g, dtype=torch.uint8),
                 torch.randint(0, card.num_classes, (64,), generator=g))
 
-    monkeypatch.setattr(data_mod, "load_arrays", stand_in)
+    monkeypatch.setattr(data_mod.sources, "load_arrays", stand_in)  # TensorData.from_card reads it there
     res = _script("reproduce_lc").main(
         ["--expansions", "1,2", "--width", "4", "--epochs", "1", "--batch-size", "32", "--sharing", "recycled",
          "--share-fraction", "0.25", "--frozen-only", "--l1", "1e-4", "--prune", "0.5,0.9", "--precise-bn", "1",

@@ -96,7 +96,7 @@ def test_hub_cards_load_through_datasets_on_a_local_standin(name, monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    monkeypatch.setattr(sbd, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(sbd.sources, "_hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     images, got = load_arrays(card, "train", source="hub")
     assert calls == [(card.hub_id, card.hub_config or None, "train")]

@@ -171,6 +171,30 @@ def test_l1_on_pointwise_weights_matches_a_hand_written_step():
             torch.testing.assert_close(new[n].detach(), w - lr * grads[n], rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
 
 
+def test_a_regularizer_passed_in_matches_a_hand_written_step():
+    """fit(regularizers=[f]) adds f(model) to the loss: here mu * sum w^2 over the slices, each member its own."""
+    lr, mu, seed, bs = 0.1, 0.3, 2, 8
+    cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.0, weight_decay=0.0, label_smoothing=0.0,
+                      augment=False, seed=seed)
+    data = _data(bs, seed=1)
+    ens = sb.Ensemble(_frozen(), sb.Head(), members=2, seed=4)
+    ens.train()
+    refs, old = _before_training(ens)
+    x, y = _first_batch(data, bs, seed)
+    fit(ens, data, None, cfg, progress=False,
+        regularizers=[lambda model: mu * sum((w ** 2).sum() for w in model.slices.values())])
+
+    for i, model in enumerate(refs):
+        def loss_of(m):
+            params = dict(m.named_parameters())
+            return F.cross_entropy(m(x), y) + mu * sum((params[n] ** 2).sum() for n in old[i])
+
+        grads = _plain_grads(model, loss_of)
+        new = ens.slice_of(i)
+        for n, w in old[i].items():
+            torch.testing.assert_close(new[n].detach(), w - lr * grads[n], rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+
+
 def test_l1_needs_a_learned_pointwise_weight():
     ens = sb.Ensemble(_frozen(), sb.Head(), members=2)
     with pytest.raises(ValueError, match="l1_pointwise=0.01.*no 1x1 conv weight"):
