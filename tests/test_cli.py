@@ -133,11 +133,24 @@ def test_every_small_backbone_trains_one_batch_with_the_main_job(name, tmp_path)
     report = train_ensemble.main(argv + [
         "--task", "digits", "--members", "1", "--slice", "Head()", "--epochs", "1", "--max-steps-per-epoch", "1",
         "--train-subset", "16", "--test-subset", "16", "--batch-size", "16", "--precise-bn", "0", "--ood", "none",
-        "--execution", "loop", "--threads", "1", "--no-progress", "--out", str(out)])
+        "--execution", "loop", "--threads", "1", "--no-progress", "--baseline", "none", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["backbone"] == name and report["train"]["steps"] == 1
     assert results["backbone_config"] == {"in_channels": 1, "num_classes": 10, **want}
     assert load_ensemble(out / "ensemble").frozen.recipe["arch"] == name
+
+
+def test_resume_on_another_runs_checkpoint_is_a_usage_error_naming_the_difference(tmp_path, capsys):
+    argv = ["--task", "digits", "--members", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--width", "4",
+            "--train-subset", "32", "--test-subset", "16", "--batch-size", "16", "--precise-bn", "0", "--ood", "none",
+            "--execution", "loop", "--threads", "1", "--no-progress", "--baseline", "none", "--out", str(tmp_path)]
+    train_ensemble.main(argv)
+    assert (tmp_path / "checkpoint").is_dir()
+    with pytest.raises(SystemExit) as info:  # another seed: another backbone and another data order
+        train_ensemble.main(argv + ["--resume", "--seed", "1"])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "seed" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,6 +15,8 @@ import os
 import typing
 from dataclasses import MISSING, fields
 
+import torch
+
 from ..backbones import backbone_config, list_backbones
 from ..train import TrainConfig
 
@@ -139,3 +141,19 @@ def add_runtime(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4), help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bars (they also turn themselves off when the output is not a terminal)")
+
+
+def parse_job(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, TrainConfig, dict]:
+    """Parse a job's flags: ``(args, TrainConfig, backbone options)``, torch threads set.
+
+    For jobs that declare :func:`add_runtime`, :func:`add_backbone` and :func:`add_train_config`;
+    a bad training value or backbone option is a usage error naming it.
+    """
+    args = ap.parse_args(argv)
+    config = train_config(ap, args)
+    try:
+        backbone_cfg = backbone_options(args)
+    except ValueError as err:
+        ap.error(str(err))
+    torch.set_num_threads(args.threads)
+    return args, config, backbone_cfg

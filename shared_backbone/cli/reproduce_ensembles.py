@@ -19,7 +19,7 @@ import torch
 from ..io import write_json
 from ..recipes import train_ensemble
 from ..slices import BatchNorm, Filters, Full, Head
-from ._args import add_backbone, add_runtime, add_train_config, backbone_options, train_config
+from ._args import add_backbone, add_runtime, add_train_config, parse_job
 from ._resume import ArmStore, add_resume, check_resume, run_settings
 
 TRAIN_DEFAULTS = {"epochs": 1}  # where this job's defaults differ from TrainConfig's (epochs after the warm start)
@@ -48,14 +48,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     ap = parser()
-    args = ap.parse_args(argv)
+    args, config, backbone_cfg = parse_job(ap, argv)
     check_resume(ap, args)
-    config = train_config(ap, args)
-    try:
-        backbone_cfg = backbone_options(args)
-    except ValueError as err:
-        ap.error(str(err))
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     store = ArmStore(out.with_name(out.stem + "_arms"), run_settings(args), args.resume)
     rows = []

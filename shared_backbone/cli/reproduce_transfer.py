@@ -23,7 +23,7 @@ from ..io import write_json
 from ..recipes import load_train_test, warm_start
 from ..slices import BatchNorm, Blocks, Filters, Head
 from ..train import fit
-from ._args import add_backbone, add_runtime, add_train_config, backbone_options, train_config
+from ._args import add_backbone, add_runtime, add_train_config, parse_job
 
 TRAIN_DEFAULTS = {"precise_bn": 20}  # where this job's defaults differ from TrainConfig's (epochs: adapter training)
 
@@ -53,13 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     ap = parser()
-    args = ap.parse_args(argv)
-    config = train_config(ap, args)
-    try:
-        backbone_cfg = backbone_options(args)
-    except ValueError as err:
-        ap.error(str(err))
-    torch.set_num_threads(args.threads)
+    args, config, backbone_cfg = parse_job(ap, argv)
     progress = not args.no_progress
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
 

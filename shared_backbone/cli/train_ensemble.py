@@ -21,7 +21,8 @@ from ..plots import plot_ensemble_report
 from ..recipes import format_report, train_ensemble
 from ..saving import save_ensemble
 from ..slices import parse_spec
-from ._args import add_backbone, add_runtime, add_train_config, backbone_options, train_config
+from ..train import ResumeMismatch
+from ._args import add_backbone, add_runtime, add_train_config, parse_job
 
 # where this job's defaults differ from TrainConfig's (a longer run, precise BN)
 TRAIN_DEFAULTS = {"epochs": 3, "precise_bn": 20}
@@ -61,26 +62,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     ap = parser()
-    args = ap.parse_args(argv)
-    config = train_config(ap, args)
-    try:
-        backbone_cfg = backbone_options(args)
-    except ValueError as err:
-        ap.error(str(err))
-
-    torch.set_num_threads(args.threads)
+    args, config, backbone_cfg = parse_job(ap, argv)
     accelerator = make_accelerator(args.mixed_precision)
     main_process = accelerator.is_main_process
     execution = args.execution if args.execution != "auto" else ("vmap" if torch.cuda.is_available() else "loop")
     out = Path(args.out)
-    ens, report, arrays = train_ensemble(
-        parse_spec(args.slice), members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
-        task=args.task, config=config, warm_start_epochs=args.warm_start_epochs,
-        train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
-        seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out, progress=not args.no_progress,
-        vectorized=execution == "vmap", accelerator=accelerator, parallel=args.parallel, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, baseline=args.baseline, member_init=args.member_init,
-    )
+    try:
+        ens, report, arrays = train_ensemble(
+            parse_spec(args.slice), members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
+            task=args.task, config=config, warm_start_epochs=args.warm_start_epochs,
+            train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
+            seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out,
+            progress=not args.no_progress, vectorized=execution == "vmap", accelerator=accelerator,
+            parallel=args.parallel, resume=args.resume, checkpoint_every=args.checkpoint_every,
+            baseline=args.baseline, member_init=args.member_init,
+        )
+    except ResumeMismatch as err:  # --resume on another run's checkpoint: a usage error naming each difference
+        ap.error(str(err))
     report["execution"] = execution
     report["mixed_precision"] = args.mixed_precision
     if main_process:
