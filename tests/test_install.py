@@ -77,3 +77,13 @@ def test_the_wheel_installs_and_runs_from_any_folder():
                          timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "OK: the wheel installs and works from any folder" in res.stdout
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists packages by hand (for the tasks/ mapping): a new subpackage must be listed there."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "shared_backbone").rglob("__init__.py")}
+    assert on_disk - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
