@@ -2,24 +2,13 @@
 interrupted one continues from fit()'s checkpoint, and the result equals an uninterrupted run."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from shared_backbone import data as data_mod
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from shared_backbone.cli import reproduce_lc, reproduce_partial
 
 
 @pytest.fixture(autouse=True)
@@ -59,19 +48,19 @@ PARTIAL = ["--spec", "Head()", "--spec", "BatchNorm()+Head()", "--width", "4", "
 
 
 def test_partial_resumes_mid_arm_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    whole = _script("reproduce_partial").main(PARTIAL + ["--out", str(tmp_path / "a.json")])
+    whole = reproduce_partial.main(PARTIAL + ["--out", str(tmp_path / "a.json")])
     out = tmp_path / "b.json"
     with monkeypatch.context() as m:  # 2 steps per epoch, 4 per arm: stop in the second arm's second epoch
         _interrupt_after(m, 4 + 3)
         with pytest.raises(_Interrupt):
-            _script("reproduce_partial").main(PARTIAL + ["--out", str(out), "--resume"])
+            reproduce_partial.main(PARTIAL + ["--out", str(out), "--resume"])
     arms = tmp_path / "b_arms" / "arms"
     assert (arms / "0_Head" / "row.json").is_file()  # the first arm finished and was recorded
     assert not (arms / "1_BatchNorm_Head" / "row.json").exists()
     assert json.loads((arms / "1_BatchNorm_Head" / "checkpoint" / "state.json").read_text())["step"] == 3
     with monkeypatch.context() as m:  # the finished arm is not retrained: 1 step left to take in the other
         _interrupt_after(m, 1)
-        rows = _script("reproduce_partial").main(PARTIAL + ["--out", str(out), "--resume"])
+        rows = reproduce_partial.main(PARTIAL + ["--out", str(out), "--resume"])
     for r, w in zip(rows, whole, strict=True):
         assert r["spec"] == w["spec"]
         assert r["test_accuracy"] == w["test_accuracy"]
@@ -80,10 +69,10 @@ def test_partial_resumes_mid_arm_to_the_uninterrupted_result(tmp_path, monkeypat
 
 def test_resume_refuses_other_settings(tmp_path):
     out = str(tmp_path / "p.json")
-    _script("reproduce_partial").main(PARTIAL[:2] + PARTIAL[4:] + ["--out", out, "--resume"])
+    reproduce_partial.main(PARTIAL[:2] + PARTIAL[4:] + ["--out", out, "--resume"])
     args = PARTIAL[:2] + PARTIAL[4:] + ["--width", "8", "--out", out, "--resume"]
     with pytest.raises(SystemExit, match="width: 4 now 8"):
-        _script("reproduce_partial").main(args)
+        reproduce_partial.main(args)
 
 
 def test_lc_resume_keeps_finished_arms_and_their_filters(tmp_path, monkeypatch):
@@ -93,13 +82,13 @@ def test_lc_resume_keeps_finished_arms_and_their_filters(tmp_path, monkeypatch):
     args = ["--expansions", "1", "--width", "4", "--epochs", "1", "--batch-size", "32", "--frozen-only",
             "--learned-resnet", "--precise-bn", "0", "--no-progress", "--threads", "1", "--out", str(tmp_path),
             "--resume"]
-    first = _script("reproduce_lc").main(args)["rows"]
+    first = reproduce_lc.main(args)["rows"]
     assert [(r["arm"], r["backbone"], r["expansion"]) for r in first] == [
         ("learned_resnet", "resnet20", 1), ("frozen", "lcresnet20", 1)]
     (tmp_path / "arms" / "frozen_E1" / "row.json").unlink()  # as if interrupted after its last checkpoint
     with monkeypatch.context() as m:
         _interrupt_after(m, 0)  # nothing may train: one arm is done, the other is at its end checkpoint
-        again = _script("reproduce_lc").main(args)["rows"]
+        again = reproduce_lc.main(args)["rows"]
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in first]
     assert (tmp_path / "stem_filters.png").is_file() and (tmp_path / "accuracy_vs_expansion.png").is_file()
 
