@@ -63,6 +63,11 @@ class TrainConfig:
     l1_pointwise: float = field(default=0.0, metadata={
         "help": "L1 penalty lambda on every learned 1x1 conv weight (the LC paper's Eq. 5), per member (0 = off)"})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on steps per epoch, for smoke tests"})
+    schedule_from: float = field(default=0.0, metadata={
+        "help": "where in one cosine schedule this run starts, as a fraction of it (0 = at the peak lr)"})
+    schedule_to: float = field(default=1.0, metadata={
+        "help": "where in that schedule this run stops (1 = at lr 0); a warm start and the members that "
+                "continue from it can share one schedule: 0 to f, then f to 1"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0:
@@ -87,6 +92,10 @@ class TrainConfig:
         if not (isinstance(self.l1_pointwise, (int, float)) and math.isfinite(self.l1_pointwise)
                 and self.l1_pointwise >= 0):
             raise ValueError(f"l1_pointwise must be a finite number >= 0 (0 = off), got {self.l1_pointwise!r}")
+        if not (isinstance(self.schedule_from, (int, float)) and isinstance(self.schedule_to, (int, float))
+                and 0 <= self.schedule_from < self.schedule_to <= 1):
+            raise ValueError(f"schedule_from and schedule_to must satisfy 0 <= schedule_from < schedule_to <= 1 "
+                             f"(a piece of one cosine schedule), got {self.schedule_from!r} and {self.schedule_to!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
@@ -273,8 +282,11 @@ def _restore(run: _Run) -> dict:
     return position
 
 
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+def _cosine(total: int, start: float = 0.0, stop: float = 1.0) -> Callable[[int], float]:
+    """The lr factor at step ``s`` of a run covering ``[start, stop]`` of one cosine schedule."""
+    if (start, stop) == (0.0, 1.0):
+        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    return lambda s: 0.5 * (1 + math.cos(math.pi * (start + (stop - start) * min(s, total) / total)))
 
 
 def _prepare(run: _Run, step: int) -> None:
@@ -282,7 +294,8 @@ def _prepare(run: _Run, step: int) -> None:
     cfg = run.cfg
     for group in run.opt.param_groups:  # the schedule's base lr, as a fresh LambdaLR would record it
         group.setdefault("initial_lr", group["lr"])
-    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _cosine(run.steps * cfg.epochs), last_epoch=step - 1)
+    factor = _cosine(run.steps * cfg.epochs, cfg.schedule_from, cfg.schedule_to)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, factor, last_epoch=step - 1)
     run.step = step
     run.wrapped = run.accelerator.prepare_model(run.local) if run.shard else run.local
     run.opt = run.accelerator.prepare_optimizer(run.opt)

@@ -381,3 +381,38 @@ def test_recalibrate_bn_gives_exact_averages_like_a_plain_module():
 def test_precise_bn_must_be_a_count():
     with pytest.raises(ValueError, match="precise_bn must be a number of batches"):
         TrainConfig(precise_bn=-1)
+
+
+def _lrs_seen(cfg: TrainConfig, n: int = 32) -> list[float]:
+    """The lr of every optimizer step of one fit, read off the optimizer as the step runs."""
+    ens = sb.Ensemble(_frozen(), SPEC, members=1)
+    seen: list[float] = []
+    opt_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return opt_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", spy)
+        fit(ens, _data(n), None, cfg, progress=False)
+    return seen
+
+
+def test_a_schedule_in_two_pieces_matches_one_cosine_step_for_step():
+    """A warm start covering [0, 0.5] of a cosine and a run covering [0.5, 1] see the lrs one run of
+    twice the length sees: 0.5 * lr * (1 + cos(pi * t / T)) at its steps t = 0 .. T-1 (hand-computed)."""
+    base = dict(batch_size=8, lr=0.1, augment=False, epochs=2)  # 32 images: 4 steps an epoch, 8 a run
+    first = _lrs_seen(TrainConfig(**base, schedule_to=0.5))
+    second = _lrs_seen(TrainConfig(**base, schedule_from=0.5))
+    whole = [0.5 * 0.1 * (1 + math.cos(math.pi * t / 16)) for t in range(16)]
+    assert first == pytest.approx(whole[:8], rel=1e-12, abs=1e-15)
+    assert second == pytest.approx(whole[8:], rel=1e-12, abs=1e-15)
+    assert _lrs_seen(TrainConfig(**base)) == pytest.approx(
+        [0.5 * 0.1 * (1 + math.cos(math.pi * t / 8)) for t in range(8)], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("start, stop", [(0.5, 0.5), (0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0)])
+def test_train_config_rejects_a_schedule_piece_outside_zero_to_one(start, stop):
+    with pytest.raises(ValueError, match="schedule_from and schedule_to"):
+        TrainConfig(schedule_from=start, schedule_to=stop)
