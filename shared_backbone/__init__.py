@@ -1,5 +1,5 @@
 """shared_backbone: cheap ensembles and multi-task adapters on one shared, frozen backbone."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .backbones import Backbone, backbone_config, build_backbone, list_backbones, register_backbone
 from .frozen import INIT_SCHEMES, FingerprintMismatch, FrozenBackbone

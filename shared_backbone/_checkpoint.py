@@ -17,7 +17,7 @@ from .ensemble import MemberStack
 from .io import header_shapes, read_artifact, read_config, tensors_from_bytes, tensors_to_bytes, write_artifact
 from .schema import FORMAT_VERSION, CheckpointState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: train imports this module
     from .train import TrainConfig
 
 __all__ = ["ResumeMismatch", "RESUMABLE_CHANGES", "CHECKPOINT_STATE", "CHECKPOINT_TENSORS"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate import Accelerator
 
 __all__ = ["PARALLEL_MODES", "SilentSingleProcess", "make_accelerator", "check_process_group",
            "member_split", "launched_processes"]
@@ -41,8 +42,6 @@ def make_accelerator(mixed_precision: str | None = None, cpu: bool | None = None
     processes that each train alone unless the Accelerator is asked for the CPU; this asks for it,
     so they join one gloo group. ``mixed_precision``: ``"no"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
     """
-    from accelerate import Accelerator
-
     if mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
     if cpu is None:

@@ -30,6 +30,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import _member_conv  # noqa: F401  (defines the shared_backbone:: ops whose formulas are registered below)
+
 __all__ = ["inference_flops", "FORMULAS", "NOT_COUNTED", "REGISTERED"]
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,6 @@ NOT_COUNTED: tuple[str, ...] = ("member_batch_norm", "members_batch_norm")
 
 def _register() -> list[str]:
     """Register every formula whose op exists; return the names registered (idempotent)."""
-    from . import _member_conv  # noqa: F401  (defines the ops)
-
     done = []
     for name, formula in FORMULAS.items():
         if not hasattr(torch.ops.shared_backbone, name):

@@ -1,24 +1,26 @@
 """The frozen state: every tensor that ensemble members and tasks share.
 
-A :class:`FrozenBackbone` is regenerated exactly from a small recipe (architecture, config,
-seed, init scheme) or taken from a (partially) trained checkpoint. Its fingerprint, a hash of
+A :class:`FrozenBackbone` is regenerated exactly from a small config (architecture, builder
+options, seed, init scheme) or taken from a (partially) trained checkpoint. Its fingerprint, a hash of
 the frozen tensors, travels with every saved slice so a slice never lands on the wrong backbone.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
+from ._version import __version__
 from .backbones import Backbone, build_backbone
+from .io import load_tensors
+from .schema import FORMAT_VERSION, BackboneConfig
 
 __all__ = ["FrozenBackbone", "INIT_SCHEMES", "init_module", "fingerprint_tensors", "FingerprintMismatch"]
-
-from .schema import FORMAT_VERSION  # noqa: E402  (one policy for every file)
 
 
 class FingerprintMismatch(ValueError):
@@ -117,8 +119,6 @@ class FrozenBackbone:
         """
         state = checkpoint
         if isinstance(checkpoint, (str, Path)):
-            from .io import load_tensors
-
             state, _ = load_tensors(checkpoint)
         own = {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}
         for n, t in dict(state).items():
@@ -140,30 +140,36 @@ class FrozenBackbone:
         return cls(copy.deepcopy(module), seed=-1, init="checkpoint", _source="checkpoint")
 
     @classmethod
-    def from_recipe(cls, recipe: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> "FrozenBackbone":
-        """Rebuild from :attr:`recipe`; checkpoint-based recipes also need their ``tensors``.
+    def from_config(cls, config: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> "FrozenBackbone":
+        """Rebuild from :attr:`config` (what ``backbone.json`` holds); checkpoint-based backbones also need
+        their ``tensors``.
 
-        The recipe is checked against :class:`~shared_backbone.schema.BackboneRecipe` (types, bounds) and
+        The config is checked against :class:`~shared_backbone.schema.BackboneConfig` (types, bounds) and
         the model's estimated size against ``LIMITS.max_parameters`` before anything is built.
         """
-        from .schema import BackboneRecipe
-
-        r = BackboneRecipe.from_dict(recipe, "the backbone recipe")
+        c = BackboneConfig.from_dict(config, "the backbone config")
         try:
-            bb = build_backbone(r.arch, **r.config)
+            bb = build_backbone(c.arch, **c.config)
         except TypeError as err:
-            raise ValueError(f"the backbone recipe does not build {r.arch!r}: {err}") from None
-        if r.source == "random":
-            frozen = cls(bb, seed=r.seed, init=r.init)
+            raise ValueError(f"the backbone config does not build {c.arch!r}: {err}") from None
+        if c.source == "random":
+            frozen = cls(bb, seed=c.seed, init=c.init)
         else:
             if tensors is None:
                 raise ValueError(
                     "this backbone was frozen from a checkpoint and cannot be regenerated from its "
-                    "recipe; load it with its saved tensors (backbone.safetensors)"
+                    "config; load it with its saved tensors (backbone.safetensors)"
                 )
             frozen = cls.from_checkpoint(bb, tensors)
-        frozen.check_fingerprint(r.fingerprint, what="the backbone recipe")
+        frozen.check_fingerprint(c.fingerprint, what="the backbone config")
         return frozen
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> "FrozenBackbone":
+        """Deprecated alias of :meth:`from_config` (the backbone's config used to be called its recipe)."""
+        warnings.warn("FrozenBackbone.from_recipe is deprecated; use FrozenBackbone.from_config",
+                      DeprecationWarning, stacklevel=2)
+        return cls.from_config(recipe, tensors)
 
     # -- views ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -177,19 +183,27 @@ class FrozenBackbone:
         return self.source == "random"
 
     @property
-    def recipe(self) -> dict:
-        from . import __version__
-
+    def config(self) -> dict:
+        """Everything that rebuilds this backbone (:meth:`from_config`): architecture, builder options,
+        seed, init scheme, source, fingerprint. Saved as ``backbone.json`` and as the ``backbone`` field
+        of every member, adapter and bank file."""
         return {
             "format_version": FORMAT_VERSION,
             "arch": getattr(self.backbone, "arch", type(self.backbone).__name__),
-            "config": dict(getattr(self.backbone, "config", {})),
+            "config": dict(getattr(self.backbone, "config", {})),  # the builder's options
             "seed": self.seed,
             "init": self.init,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "library_version": __version__,
         }
+
+    @property
+    def recipe(self) -> dict:
+        """Deprecated, read-only alias of :attr:`config`."""
+        warnings.warn("FrozenBackbone.recipe is deprecated; use FrozenBackbone.config", DeprecationWarning,
+                      stacklevel=2)
+        return self.config
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters())
@@ -198,13 +212,13 @@ class FrozenBackbone:
         if expected != self.fingerprint:
             raise FingerprintMismatch(
                 f"{what} was made for backbone fingerprint {expected!r}, but this backbone has "
-                f"{self.fingerprint!r} ({self.recipe['arch']}, seed={self.seed}, init={self.init}); "
+                f"{self.fingerprint!r} ({self.config['arch']}, seed={self.seed}, init={self.init}); "
                 "load it onto the backbone it was trained on"
             )
 
     def __repr__(self) -> str:
         return (
-            f"FrozenBackbone({self.recipe['arch']}, seed={self.seed}, init={self.init!r}, "
+            f"FrozenBackbone({self.config['arch']}, seed={self.seed}, init={self.init!r}, "
             f"params={self.num_parameters():,}, fingerprint={self.fingerprint})"
         )
 

@@ -42,7 +42,8 @@ from .ensemble import Ensemble
 from .flops import inference_flops
 from .frozen import FrozenBackbone
 from .metrics import evaluate_ensemble
-from .slices import Full, SliceSpec
+from .recipes import warm_start
+from .slices import BatchNorm, Filters, Full, Head, SliceSpec
 from .train import TrainConfig, fit, predict
 
 __all__ = ["ARMS", "TU_ARMS", "torch_uncertainty_missing", "compare_peers", "state_bytes"]
@@ -56,7 +57,7 @@ _CALIBRATION_STEPS = 4  # timed steps (after one untimed) that set each arm's st
 
 def torch_uncertainty_missing() -> str | None:
     """None when torch-uncertainty's ResNet builders import, else why not (for a skip message)."""
-    try:
+    try:  # an optional extra ([peers]): imported only when its arms run
         from torch_uncertainty.models.classification import batched_resnet, packed_resnet  # noqa: F401
     except ImportError as e:
         return (f"torch-uncertainty is not importable ({e}); install the extra: pip install "
@@ -90,7 +91,7 @@ class _Estimators(nn.Module):
 
 def _tu_model(arm: str, k: int, depth: int, width: int, in_channels: int, num_classes: int, alpha: float,
               gamma: int) -> nn.Module:
-    from torch_uncertainty.models.classification import batched_resnet, packed_resnet
+    from torch_uncertainty.models.classification import batched_resnet, packed_resnet  # optional extra ([peers])
 
     common = {"in_channels": in_channels, "num_classes": num_classes, "arch": depth, "num_estimators": k,
               "style": "cifar", "width_multiplier": width / 16}
@@ -197,8 +198,6 @@ def _cheap_arm(train, backbone, bcfg, spec, members, warm_start_epochs, cfg, pro
     """The library's ensemble for ``cfg.epochs``: ``(model, steps, seconds incl. warm start, bytes stored)``."""
     t0 = time.perf_counter()
     if warm_start_epochs:
-        from .recipes import warm_start
-
         frozen = warm_start(backbone, bcfg, train, warm_start_epochs, cfg, cfg.seed, progress)
     else:
         frozen = FrozenBackbone(build_backbone(backbone, **bcfg), seed=cfg.seed)
@@ -255,8 +254,6 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     ``bytes_stored`` and the metrics (accuracy, NLL, ECE, Brier, OOD AUROC and both FPR@95
     conventions; ``ood_auroc_mutual_info`` is None for one model).
     """
-    from .slices import BatchNorm, Filters, Head
-
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ValueError(f"unknown arm(s) {bad or arms!r}; accepted: {', '.join(ARMS)}")

@@ -16,9 +16,8 @@ from .describe import describe
 from .ensemble import Ensemble
 from .frozen import FrozenBackbone
 from .metrics import evaluate_ensemble
-from .train import _steps_per_epoch
 from .slices import Full, SliceSpec
-from .train import TrainConfig, fit, predict
+from .train import TrainConfig, _steps_per_epoch, fit, predict
 
 __all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report", "equal_cost_steps", "BASELINES"]
 

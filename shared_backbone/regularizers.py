@@ -13,7 +13,7 @@ import torch
 
 from .lc import l1_penalty, pointwise_weights
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: train imports this module
     from .train import TrainConfig
 
 __all__ = ["Regularizer", "l1_pointwise", "from_config"]

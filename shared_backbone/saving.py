@@ -1,9 +1,9 @@
-"""Saving ensembles: the backbone recipe once, one small safetensors file per member.
+"""Saving ensembles: the backbone config once, one small safetensors file per member.
 
 Layout of an ensemble directory::
 
     ensemble.json            # the manifest, written last: format version, K, spec, data mode, backbone
-                             # recipe + fingerprint, and every file below with its size and sha256
+                             # config + fingerprint, and every file below with its size and sha256
     backbone.safetensors     # only when the backbone cannot be regenerated (a trained checkpoint)
     shared.safetensors       # BatchNorm statistics of the stages every member shares (if any)
     member_000.safetensors   # member 0's slice and its own statistics; header: fingerprint, spec
@@ -22,7 +22,7 @@ import torch
 from .ensemble import Ensemble
 from .frozen import FrozenBackbone
 from .io import read_artifact, read_config, tensors_from_bytes, tensors_to_bytes, write_artifact
-from .schema import FORMAT_VERSION, BackboneRecipe, EnsembleConfig
+from .schema import FORMAT_VERSION, BackboneConfig, EnsembleConfig
 from .slices import spec_from_dict
 
 __all__ = ["save_ensemble", "load_ensemble", "save_backbone", "load_backbone", "backbone_files"]
@@ -31,7 +31,7 @@ BACKBONE_TENSORS = "backbone.safetensors"
 
 
 def backbone_files(frozen: FrozenBackbone) -> dict[str, bytes]:
-    """The files a trained backbone needs beside its recipe (none for a regenerable one)."""
+    """The files a trained backbone needs beside its config (none for a regenerable one)."""
     if frozen.regenerable:
         return {}
     return {BACKBONE_TENSORS: tensors_to_bytes(frozen.tensors(), {"fingerprint": frozen.fingerprint},
@@ -39,31 +39,31 @@ def backbone_files(frozen: FrozenBackbone) -> dict[str, bytes]:
 
 
 def save_backbone(frozen: FrozenBackbone, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``backbone.json`` (the recipe, the manifest) and, for a trained backbone, ``backbone.safetensors``.
+    """Write ``backbone.json`` (the backbone config, the manifest) and, for a trained backbone, ``backbone.safetensors``.
 
     A ``backbone.json`` of another backbone already there is refused unless ``overwrite``.
     """
-    write_artifact(directory, "backbone.json", {**frozen.recipe, "kind": "backbone"}, backbone_files(frozen),
+    write_artifact(directory, "backbone.json", {**frozen.config, "kind": "backbone"}, backbone_files(frozen),
                    overwrite=overwrite, same_fingerprint=True)
     return Path(directory)
 
 
-def _frozen_from(recipe: BackboneRecipe, raw: dict, files: dict[str, bytes], where: Path) -> FrozenBackbone:
+def _frozen_from(config: BackboneConfig, raw: dict, files: dict[str, bytes], where: Path) -> FrozenBackbone:
     tensors = None
-    if recipe.source != "random":
+    if config.source != "random":
         if BACKBONE_TENSORS not in files:
             raise FileNotFoundError(f"{where} lists no {BACKBONE_TENSORS}: this backbone was frozen from a "
                                     "checkpoint and needs its tensors")
         tensors, header = tensors_from_bytes(files[BACKBONE_TENSORS], str(where.parent / BACKBONE_TENSORS))
-    return FrozenBackbone.from_recipe(raw, tensors)
+    return FrozenBackbone.from_config(raw, tensors)
 
 
 def load_backbone(directory: str | Path) -> FrozenBackbone:
     """Rebuild the backbone saved by :func:`save_backbone` (or inside an ensemble directory)."""
     directory = Path(directory)
     if (directory / "backbone.json").is_file():
-        recipe, files = read_artifact(directory, "backbone.json", BackboneRecipe.from_dict)
-        return _frozen_from(recipe, read_config(directory / "backbone.json"), files, directory / "backbone.json")
+        config, files = read_artifact(directory, "backbone.json", BackboneConfig.from_dict)
+        return _frozen_from(config, read_config(directory / "backbone.json"), files, directory / "backbone.json")
     meta, files = read_artifact(directory, "ensemble.json", EnsembleConfig.from_dict)
     raw = read_config(directory / "ensemble.json")["backbone"]
     return _frozen_from(meta.backbone, raw, files, directory / "ensemble.json")
@@ -93,7 +93,7 @@ def save_ensemble(ens: Ensemble, directory: str | Path, *, overwrite: bool = Fal
                                                   finite=f"member {i}")
     body = {"format_version": FORMAT_VERSION, "kind": "ensemble", "members": ens.members,
             "spec": ens.spec.to_dict(), "spec_repr": repr(ens.spec), "data": ens.data,
-            "backbone": ens.frozen.recipe, "fingerprint": fp}
+            "backbone": ens.frozen.config, "fingerprint": fp}
     write_artifact(directory, "ensemble.json", body, files, overwrite=overwrite)
     return directory
 

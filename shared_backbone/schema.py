@@ -7,7 +7,7 @@ field, the (escaped, shortened) value and what is accepted. One schema per file 
 =====================  =================================  ==============================
 file                   schema                             kind
 =====================  =================================  ==============================
-``backbone.json``      :class:`BackboneRecipe`            the frozen backbone's recipe
+``backbone.json``      :class:`BackboneConfig`            what rebuilds the frozen backbone
 ``ensemble.json``      :class:`EnsembleConfig`            an ensemble (its manifest)
 ``adapter_config.json``:class:`AdapterConfig`             one task adapter (its manifest)
 ``adapter_bank.json``  :class:`BankConfig`                a bank of adapters (its manifest)
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = [
-    "FORMAT_VERSION", "LIMITS", "Limits", "SchemaError", "FileEntry", "BackboneRecipe", "EnsembleConfig",
-    "AdapterConfig", "BankConfig", "CheckpointState", "check_name", "safe_text", "check_format_version",
+    "FORMAT_VERSION", "LIMITS", "Limits", "SchemaError", "FileEntry", "BackboneConfig", "BackboneRecipe",
+    "EnsembleConfig", "AdapterConfig", "BankConfig", "CheckpointState", "check_name", "safe_text", "check_format_version",
     "parse_files",
 ]
 
@@ -222,7 +222,7 @@ _KINDS = ("filters", "batchnorm", "blocks", "pointwise", "head", "full")
 
 
 @dataclass(frozen=True)
-class BackboneRecipe:
+class BackboneConfig:
     """``backbone.json`` and the ``backbone`` field of every other file: what rebuilds the frozen state."""
 
     arch: str
@@ -235,7 +235,7 @@ class BackboneRecipe:
     files: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Any, file: str, path: str = "") -> "BackboneRecipe":
+    def from_dict(cls, d: Any, file: str, path: str = "") -> "BackboneConfig":
         r = _Reader(d, file, path)
         _required(d, file, ("arch", "config", "fingerprint", "source"), path)
         version = check_format_version(d, file if not path else f"{file} (field {path!r})")
@@ -265,6 +265,9 @@ class BackboneRecipe:
                    files=files)
 
 
+BackboneRecipe = BackboneConfig  # the old name, kept for code that still imports it
+
+
 def _spec(r: _Reader, key: str) -> list:
     parts = r.list(key, 16)
     if not parts:
@@ -279,12 +282,12 @@ def _spec(r: _Reader, key: str) -> list:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    """``ensemble.json``: K, spec, data mode, the backbone recipe and the files of the ensemble."""
+    """``ensemble.json``: K, spec, data mode, the backbone config and the files of the ensemble."""
 
     members: int
     spec: list
     data: str
-    backbone: BackboneRecipe
+    backbone: BackboneConfig
     files: dict
     format_version: int = FORMAT_VERSION
 
@@ -296,18 +299,18 @@ class EnsembleConfig:
         r.str("kind", choices=("ensemble",), default="ensemble")
         return cls(members=r.int("members", 1, LIMITS.max_members), spec=_spec(r, "spec"),
                    data=r.str("data", choices=("shared", "own"), default="shared"),
-                   backbone=BackboneRecipe.from_dict(d["backbone"], file, "backbone"),
+                   backbone=BackboneConfig.from_dict(d["backbone"], file, "backbone"),
                    files=parse_files(d, file), format_version=version)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """``adapter_config.json``: one task's spec, classes, task card, backbone recipe and files."""
+    """``adapter_config.json``: one task's spec, classes, task card, backbone config and files."""
 
     task: str
     spec: list
     num_classes: int
-    backbone: BackboneRecipe
+    backbone: BackboneConfig
     files: dict
     class_names: list | None = None
     task_card: dict | None = None
@@ -335,7 +338,7 @@ class AdapterConfig:
         if card is not None and not isinstance(card, dict):
             raise _fail(file, "task_card", card, "a JSON object or null")
         return cls(task=task, spec=_spec(r, "spec"), num_classes=num_classes,
-                   backbone=BackboneRecipe.from_dict(d["backbone"], file, "backbone"), files=parse_files(d, file),
+                   backbone=BackboneConfig.from_dict(d["backbone"], file, "backbone"), files=parse_files(d, file),
                    class_names=names, task_card=card, seed=r.int("seed", -2**63, 2**63 - 1, default=0),
                    format_version=version)
 
@@ -378,7 +381,7 @@ class CheckpointState:
     epoch: int
     step_in_epoch: int
     step: int
-    epoch_partial: list
+    epoch_sums: list  # the running epoch's (loss sum, correct, seen) so far; the file's key is epoch_partial
     config: dict
     fingerprint: str
     spec: str
@@ -395,10 +398,10 @@ class CheckpointState:
         _required(d, file, ("epoch", "step", "config", "fingerprint", "spec", "members", "member_ids", "files"))
         r.str("kind", choices=("checkpoint",), default="checkpoint")
         big = 2**62
-        partial = r.list("epoch_partial", 3, default=[0.0, 0.0, 0.0])
-        if len(partial) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                        and math.isfinite(v) for v in partial):
-            raise _fail(file, "epoch_partial", partial, "3 finite numbers (loss sum, correct, seen)")
+        sums = r.list("epoch_partial", 3, default=[0.0, 0.0, 0.0])
+        if len(sums) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in sums):
+            raise _fail(file, "epoch_partial", sums, "3 finite numbers (loss sum, correct, seen)")
         members = r.int("members", 1, LIMITS.max_members)
         ids = r.list("member_ids", LIMITS.max_members)
         if len(ids) != members or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < big for i in ids):
@@ -406,7 +409,7 @@ class CheckpointState:
         history = r.list("history", 1_000_000, default=[])
         config = r.obj("config")
         return cls(epoch=r.int("epoch", 0, big), step_in_epoch=r.int("step_in_epoch", 0, big, default=0),
-                   step=r.int("step", 0, big), epoch_partial=[float(v) for v in partial], config=config.d,
+                   step=r.int("step", 0, big), epoch_sums=[float(v) for v in sums], config=config.d,
                    fingerprint=r.str("fingerprint", pattern=_HEX16), spec=r.str("spec", max_len=4096),
                    members=members, member_ids=ids, history=history, files=parse_files(d, file),
                    format_version=version)

@@ -276,7 +276,7 @@ def _restore(run: _Run) -> dict:
     if not (run.ckpt and (run.ckpt / CHECKPOINT_STATE).exists()):
         return dict(_START)
     meta = _load_checkpoint(run.ckpt, run.full, run.local, run.opt, run.params, run.ids, run.cfg, run.steps)
-    position = {"epoch": meta.epoch, "step_in_epoch": meta.step_in_epoch, "sums": meta.epoch_partial,
+    position = {"epoch": meta.epoch, "step_in_epoch": meta.step_in_epoch, "sums": meta.epoch_sums,
                 "step": meta.step}
     run.history = [h for h in meta.history if isinstance(h, dict) and h.get("epoch", 0) <= position["epoch"]]
     return position
@@ -313,7 +313,7 @@ def _checkpoint(run: _Run, epoch: int, step_in_epoch: int, sums=(0.0, 0.0, 0.0))
     sums = torch.tensor(sums, dtype=torch.float64, device=acc.device)
     if run.procs > 1:
         sums = acc.reduce(sums, "sum")
-    if run.main_process:
+    if run.main_process:  # "epoch_partial": the file's key (kept) for the running epoch's sums
         _save_checkpoint(run.ckpt, tensors, {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": run.step,
                                              "epoch_partial": sums.tolist()}, run.cfg, run.identity, run.history)
         write_json(run.out_dir / "history.json", run.history)  # for people; resume reads the checkpoint's

@@ -137,7 +137,7 @@ def test_every_small_backbone_trains_one_batch_with_the_main_job(name, tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert results["backbone"] == name and report["train"]["steps"] == 1
     assert results["backbone_config"] == {"in_channels": 1, "num_classes": 10, **want}
-    assert load_ensemble(out / "ensemble").frozen.recipe["arch"] == name
+    assert load_ensemble(out / "ensemble").frozen.config["arch"] == name
 
 
 def test_resume_on_another_runs_checkpoint_is_a_usage_error_naming_the_difference(tmp_path, capsys):

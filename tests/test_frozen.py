@@ -1,4 +1,4 @@
-"""FrozenBackbone: regenerable from a recipe, fingerprinted, never trained."""
+"""FrozenBackbone: regenerable from a config, fingerprinted, never trained."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ from shared_backbone import FingerprintMismatch, FrozenBackbone, INIT_SCHEMES
 TINY = {"width": 4, "widen_factor": 1, "growth_rate": 4, "width_mult": 0.25, "expansion": 2,
         "in_channels": 1, "num_classes": 3, "small_input": True}
 TINY_OVERRIDES = {"densenet_bc100": {"depth": 40}}
-# torchvision ResNets cannot be shrunk: rebuilding them for from_recipe costs seconds each
+# torchvision ResNets cannot be shrunk: rebuilding them for from_config costs seconds each
 HEAVY = {"resnet50", "wide_resnet50_2"}
 
 
@@ -64,15 +64,15 @@ def test_same_seed_same_tensors_other_seed_other_fingerprint(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(sb.list_backbones()) - HEAVY))
-def test_from_recipe_regenerates_every_backbone(name):
+def test_from_config_regenerates_every_backbone(name):
     torch.manual_seed(10)
     frozen = FrozenBackbone(sb.build_backbone(name, **tiny_cfg(name)), seed=11)
-    recipe = frozen.recipe
-    assert recipe["arch"] == name and recipe["seed"] == 11 and recipe["init"] == "default"
-    assert recipe["source"] == "random" and recipe["fingerprint"] == frozen.fingerprint
-    assert recipe["config"] == {**sb.backbone_config(name), **tiny_cfg(name)}
+    cfg = frozen.config
+    assert cfg["arch"] == name and cfg["seed"] == 11 and cfg["init"] == "default"
+    assert cfg["source"] == "random" and cfg["fingerprint"] == frozen.fingerprint
+    assert cfg["config"] == {**sb.backbone_config(name), **tiny_cfg(name)}
     torch.manual_seed(99)  # a different global RNG state must not matter
-    again = FrozenBackbone.from_recipe(recipe)
+    again = FrozenBackbone.from_config(cfg)
     assert again.fingerprint == frozen.fingerprint
     assert snapshot(again) == snapshot(frozen)
     assert type(again.backbone) is type(frozen.backbone) and again.backbone.arch == name
@@ -90,7 +90,7 @@ def test_every_init_scheme_is_deterministic_and_distinct(make_resnet20):
         b = FrozenBackbone(make_resnet20(), seed=0, init=init)
         assert a.fingerprint == b.fingerprint, init
         assert snapshot(a) == snapshot(b), init
-        assert a.recipe["init"] == init
+        assert a.config["init"] == init
         t = a.tensors()
         assert all(torch.isfinite(v).all() for v in t.values() if v.is_floating_point())
         # BatchNorm is reset to its identity in every scheme
@@ -98,7 +98,7 @@ def test_every_init_scheme_is_deterministic_and_distinct(make_resnet20):
         assert torch.equal(t["stages.stem.1.running_var"], torch.ones(4))
         fingerprints[init] = a.fingerprint
         convs[init] = t["stages.block2.0.conv1.weight"]
-        assert FrozenBackbone.from_recipe(a.recipe).fingerprint == a.fingerprint
+        assert FrozenBackbone.from_config(a.config).fingerprint == a.fingerprint
     assert len(set(fingerprints.values())) == len(INIT_SCHEMES)
     # spot-check the schemes on block2's first conv, 8x4x3x3 (fan_in 36, fan_out 72)
     bound_default = 1 / 36 ** 0.5
@@ -162,7 +162,7 @@ def test_repr_names_arch_seed_and_fingerprint(tiny_frozen):
 # ---------------------------------------------------------------- checkpoints
 
 
-def test_from_checkpoint_state_dict_and_recipe(make_resnet20):
+def test_from_checkpoint_state_dict_and_config(make_resnet20):
     torch.manual_seed(5)
     trained = make_resnet20()
     with torch.no_grad():
@@ -171,35 +171,35 @@ def test_from_checkpoint_state_dict_and_recipe(make_resnet20):
     state = {k: v.clone() for k, v in trained.state_dict().items()}
 
     frozen = FrozenBackbone.from_checkpoint(make_resnet20(), state)
-    assert not frozen.regenerable and frozen.recipe["source"] == "checkpoint"
+    assert not frozen.regenerable and frozen.config["source"] == "checkpoint"
     got = frozen.tensors()
     assert all(torch.equal(got[k], state[k]) for k in state)
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
 
-    recipe = frozen.recipe
-    again = FrozenBackbone.from_recipe(recipe, tensors=state)
+    cfg = frozen.config
+    again = FrozenBackbone.from_config(cfg, tensors=state)
     assert again.fingerprint == frozen.fingerprint
 
-    with pytest.raises(ValueError, match="cannot be regenerated from its recipe"):
-        FrozenBackbone.from_recipe(recipe)
+    with pytest.raises(ValueError, match="cannot be regenerated from its config"):
+        FrozenBackbone.from_config(cfg)
 
-    tampered = {**recipe, "fingerprint": "0" * 16}
+    tampered = {**cfg, "fingerprint": "0" * 16}
     with pytest.raises(FingerprintMismatch, match=r"'0000000000000000'.*" + frozen.fingerprint):
-        FrozenBackbone.from_recipe(tampered, tensors=state)
+        FrozenBackbone.from_config(tampered, tensors=state)
     assert issubclass(FingerprintMismatch, ValueError)
 
-    # tensors of another checkpoint do not match the recipe's fingerprint either
+    # tensors of another checkpoint do not match the config's fingerprint either
     other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     with pytest.raises(FingerprintMismatch):
-        FrozenBackbone.from_recipe(recipe, tensors=other)
+        FrozenBackbone.from_config(cfg, tensors=other)
 
 
-def test_tampered_random_recipe_raises_mismatch(tiny_frozen):
-    recipe = tiny_frozen.recipe
-    with pytest.raises(FingerprintMismatch, match="the backbone recipe was made for"):
-        FrozenBackbone.from_recipe({**recipe, "seed": 1})
+def test_tampered_random_config_raises_mismatch(tiny_frozen):
+    cfg = tiny_frozen.config
+    with pytest.raises(FingerprintMismatch, match="the backbone config was made for"):
+        FrozenBackbone.from_config({**cfg, "seed": 1})
     with pytest.raises(FingerprintMismatch):
-        FrozenBackbone.from_recipe({**recipe, "fingerprint": "f" * 16})
+        FrozenBackbone.from_config({**cfg, "fingerprint": "f" * 16})
 
 
 def test_checkpoint_that_does_not_fit_is_refused(make_resnet20):
@@ -221,9 +221,21 @@ def test_from_module_copies(tiny_resnet20):
     assert all(p.requires_grad for p in tiny_resnet20.parameters())  # the original is untouched
 
 
-def test_recipe_checks(tiny_frozen):
-    recipe = tiny_frozen.recipe
+def test_config_checks(tiny_frozen):
+    cfg = tiny_frozen.config
     with pytest.raises(ValueError, match="missing the field 'fingerprint'"):
-        FrozenBackbone.from_recipe({k: v for k, v in recipe.items() if k != "fingerprint"})
+        FrozenBackbone.from_config({k: v for k, v in cfg.items() if k != "fingerprint"})
     with pytest.raises(ValueError, match="format_version 99"):
-        FrozenBackbone.from_recipe({**recipe, "format_version": 99})
+        FrozenBackbone.from_config({**cfg, "format_version": 99})
+
+
+def test_recipe_is_a_deprecated_alias_of_config(tiny_frozen):
+    """The backbone's config was called its recipe; the old names still read and rebuild the same backbone."""
+    with pytest.warns(DeprecationWarning, match="FrozenBackbone.config"):
+        old = tiny_frozen.recipe
+    assert old == tiny_frozen.config
+    with pytest.raises(AttributeError):
+        tiny_frozen.recipe = {}  # read-only, like config
+    with pytest.warns(DeprecationWarning, match="from_config"):
+        again = FrozenBackbone.from_recipe(old)
+    assert again.fingerprint == tiny_frozen.fingerprint and snapshot(again) == snapshot(tiny_frozen)

@@ -87,3 +87,22 @@ def test_every_subpackage_is_listed_for_the_wheel():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "shared_backbone").rglob("__init__.py")}
     assert on_disk - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
+
+
+def test_the_version_has_one_source():
+    """pyproject reads the version from shared_backbone/_version.py, the module every file-writer imports it from
+    (not the package's __init__), so the wheel's metadata, ``__version__`` and saved files cannot disagree."""
+    import tomllib
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    import shared_backbone
+    from shared_backbone import _version
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert read_configuration(root / "pyproject.toml")["project"]["version"] == _version.__version__
+    assert shared_backbone.__version__ is _version.__version__
+    frozen = shared_backbone.FrozenBackbone(shared_backbone.build_backbone("resnet20", width=4), seed=0)
+    assert frozen.config["library_version"] == _version.__version__

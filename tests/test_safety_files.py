@@ -132,7 +132,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
                     max_leaves=12)
 SCHEMAS = [schema.EnsembleConfig, schema.AdapterConfig, schema.BankConfig, schema.CheckpointState,
-           schema.BackboneRecipe]
+           schema.BackboneConfig]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -267,7 +267,7 @@ def test_hostile_sizes_fail_fast_under_a_memory_ceiling(tmp_path, ens_dir, adapt
     _edit_json(ens_dir / "ensemble.json", lambda m: m.__setitem__("members", 10**6))
     ens2 = save_ensemble(sb.Ensemble(_frozen(), SPEC, members=2), tmp_path / "ens2")
     _edit_json(ens2 / "ensemble.json", lambda m: m.__setitem__("members", 60_000))
-    # backbone recipes of absurd size
+    # backbone configs of absurd size
     recipes = {}
     for key, value in {"width": 10**5, "expansion": 10**7, "depth": 1_200_002, "num_classes": 10**8}.items():
         d = tmp_path / f"bb_{key}"

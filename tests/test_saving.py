@@ -129,7 +129,7 @@ def test_round_trip_in_a_fresh_process(tmp_path, ens3, x16):
     assert torch.equal(got, want)
 
 
-def test_ensemble_json_holds_the_recipe_and_no_backbone_tensors_for_a_random_backbone(tmp_path, ens3):
+def test_ensemble_json_holds_the_backbone_config_and_no_backbone_tensors_for_a_random_backbone(tmp_path, ens3):
     d = save_ensemble(ens3, tmp_path / "ens")
     names = sorted(p.name for p in d.iterdir())
     assert names == ["ensemble.json", "member_000.safetensors", "member_001.safetensors", "member_002.safetensors"]
@@ -392,8 +392,8 @@ def test_save_and_load_a_random_backbone(tmp_path):
     fr = _frozen(seed=3)
     d = save_backbone(fr, tmp_path / "bb")
     assert sorted(p.name for p in d.iterdir()) == ["backbone.json"]
-    recipe = json.loads((d / "backbone.json").read_text())
-    assert recipe["seed"] == 3 and recipe["source"] == "random" and recipe["fingerprint"] == fr.fingerprint
+    config = json.loads((d / "backbone.json").read_text())
+    assert config["seed"] == 3 and config["source"] == "random" and config["fingerprint"] == fr.fingerprint
     back = load_backbone(d)
     assert back.fingerprint == fr.fingerprint and back.seed == 3
     ref = fr.tensors()

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ..schema import LIMITS
 from ._base import Backbone
 
 __all__ = ["register_backbone", "build_backbone", "list_backbones", "backbone_config", "estimate_parameters"]
@@ -70,8 +71,6 @@ def build_backbone(name: str, **cfg) -> Backbone:
 
 
 def _bound_options(name: str, cfg: dict) -> None:
-    from ..schema import LIMITS
-
     for key, v in cfg.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -99,8 +98,6 @@ def estimate_parameters(name: str, **cfg) -> int:
 
 def _check_size(name: str, cfg: dict) -> None:
     """Refuse a model whose estimated size is past ``LIMITS.max_parameters``, before allocating it."""
-    from ..schema import LIMITS
-
     _bound_options(name, cfg)
     if torch.get_default_device().type == "meta":
         return

@@ -19,6 +19,9 @@ import runpy
 import sys
 from pathlib import Path
 
+from ..backbones import backbone_config, list_backbones
+from ..data import list_tasks, load_task
+
 __all__ = ["JOBS", "main", "run"]
 
 # subcommand -> (module in shared_backbone.cli, one line of help)
@@ -36,8 +39,7 @@ JOBS: dict[str, tuple[str, str]] = {
 
 
 def _list_backbones(argv) -> dict:
-    from ..backbones import backbone_config, list_backbones
-    from ._args import FROM_TASK
+    from ._args import FROM_TASK  # _args imports the training stack; `shared-backbone --help` need not
 
     argparse.ArgumentParser(prog="shared-backbone backbones", description="registered backbones and their "
                             "options (--width / --backbone-opt KEY=VALUE)").parse_args(argv)
@@ -48,8 +50,6 @@ def _list_backbones(argv) -> dict:
 
 
 def _list_tasks(argv) -> list:
-    from ..data import load_task, list_tasks
-
     argparse.ArgumentParser(prog="shared-backbone tasks", description="task cards shipped with the package "
                             "and in $SHARED_BACKBONE_TASKS").parse_args(argv)
     names = list_tasks()

@@ -19,6 +19,7 @@ import torch
 from ..data import TensorData, mnist5k
 from ..io import write_json
 from ..peers import ARMS, TU_ARMS, compare_peers, torch_uncertainty_missing
+from ..plots import new_figure, save_png
 from ..recipes import load_train_test
 from ..slices import parse_spec
 from ._args import add_runtime, add_train_config, train_config
@@ -51,8 +52,6 @@ def format_table(res: dict) -> str:
 
 def plot(res: dict, path: Path) -> Path:
     """Four panels (accuracy, NLL, ECE, max-prob OOD AUROC), one bar per arm, train seconds in the labels."""
-    from ..plots import new_figure, save_png
-
     rows = res["rows"]
     fig = new_figure((11, 3.6))
     axes = fig.subplots(1, 4)

@@ -19,6 +19,7 @@ and fit() checkpoints inside the arm; ``--resume`` keeps finished arms and conti
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 from dataclasses import fields
@@ -29,7 +30,11 @@ import torch
 from ..backbones import build_backbone
 from ..frozen import FrozenBackbone
 from ..io import load_tensors, save_tensors, write_json
-from ..lc import pointwise_weights, prune_pointwise, save_sparse
+from ..lc import LCConv2d, pointwise_weights, prune_pointwise, save_sparse
+from ..lc_analysis import (fgsm_accuracy, fve_report, plot_filter_grid, plot_pointwise_histograms,
+                           plot_position_variance, reconstructed_filters)
+from ..plots import new_figure, save_png
+from ..recipes import load_train_test, train_ensemble
 from ..slices import BatchNorm, Full, Head, Pointwise, resolve
 from ..train import TrainConfig
 from ._args import add_runtime, add_train_config, train_config
@@ -116,10 +121,6 @@ RESNET_ARM = "learned_resnet"  # the plain ResNet (no LC-Blocks), everything lea
 
 
 def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path | None = None) -> dict:
-    from ..lc import LCConv2d
-    from ..lc_analysis import fgsm_accuracy, fve_report, reconstructed_filters
-    from ..recipes import load_train_test, train_ensemble
-
     learned = arm in ("learned", RESNET_ARM)
     sharing = "none" if learned else (arm.split("_", 1)[1] if "_" in arm else "none")
     spec = Full() if learned else FROZEN_SPEC
@@ -157,8 +158,6 @@ def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path |
 def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict:
     """Test accuracy after global magnitude pruning of the 1x1 weights at ``ratio`` (no fine-tuning),
     and the bytes of the pruned slice's 1x1 weights stored sparsely vs densely."""
-    import copy
-
     m = copy.deepcopy(member).eval()
     prune_pointwise(m, ratio)
     device = next(m.parameters()).device
@@ -176,8 +175,6 @@ def _pruned_accuracy(member, test, ratio: float, batch_size: int = 1000) -> dict
 
 def plot_pruning(rows: list[dict], path: Path, lam: float) -> Path:
     """Test accuracy vs 1x1 pruning ratio, one line per frozen arm and E (the paper's Figure 19)."""
-    from ..plots import new_figure, save_png
-
     fig = new_figure((5.5, 4))
     ax = fig.subplots()
     for r in rows:
@@ -193,8 +190,6 @@ def plot_pruning(rows: list[dict], path: Path, lam: float) -> Path:
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> Path:
-    from ..plots import new_figure, save_png
-
     fig = new_figure((5.5, 4))
     ax = fig.subplots()
     for r in rows:
@@ -322,8 +317,6 @@ def main(argv=None) -> dict:
             member = r.pop("_member")
             save_tensors(store.arm_dir(name) / "stem_filters.safetensors", {"filters": f})
             if arm == "frozen" and e == expansions[-1]:
-                from ..lc_analysis import plot_pointwise_histograms
-
                 plot_pointwise_histograms(member, out / f"pointwise_histograms_E{e}.png")
             store.finish(name, r)
         else:
@@ -335,8 +328,6 @@ def main(argv=None) -> dict:
     plot_accuracy(rows, out / "accuracy_vs_expansion.png")
     if args.prune_ratios:
         plot_pruning(rows, out / "pruning.png", args.l1_pointwise)
-    from ..lc_analysis import plot_filter_grid, plot_position_variance
-
     plot_filter_grid(filters, out / "stem_filters.png", n=12)
     plot_position_variance({k: v for k, v in filters.items() if k.endswith(f" E={expansions[-1]}")},
                            out / "stem_position_variance.png")

@@ -93,7 +93,7 @@ def main(argv=None) -> list[dict]:
                 r["full_model_bytes"] = full_bytes
         write_json(Path(args.out), {"args": vars(args), "backbone_accuracy_on_" + args.backbone_task: bb_acc,
                                     "warm_start_seconds": warm_seconds, "rows": rows})
-    print(f"\nbackbone: {args.backbone} {trained.recipe['config']}; partially trained = {args.warm_start_epochs} epoch(s) on "
+    print(f"\nbackbone: {args.backbone} {trained.config['config']}; partially trained = {args.warm_start_epochs} epoch(s) on "
           f"{len(bb_train):,} {args.backbone_task} images (test accuracy {bb_acc:.4f}); full model "
           f"{rows[0]['full_model_bytes']:,} bytes\n")
     print(f"| {'backbone':<20} | {'task':<8} | {'slice':<17} | {'learned':>8} | {'adapter bytes':>13} | {'accuracy':>8} |")

