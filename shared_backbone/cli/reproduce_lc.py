@@ -29,7 +29,7 @@ import torch
 from ..backbones import build_backbone
 from ..frozen import FrozenBackbone
 from ..io import load_tensors, save_tensors, write_json
-from ..lc import pointwise_weights, prune_pointwise, save_sparse
+from ..lc import LCConv2d, pointwise_weights, prune_pointwise, save_sparse
 from ..slices import BatchNorm, Full, Head, Pointwise, resolve
 from ..train import TrainConfig
 from ._args import add_runtime, add_train_config, train_config
@@ -116,7 +116,6 @@ RESNET_ARM = "learned_resnet"  # the plain ResNet (no LC-Blocks), everything lea
 
 
 def run_arm(arm: str, expansion: int, args, config: TrainConfig, out_dir: Path | None = None) -> dict:
-    from ..lc import LCConv2d
     from ..lc_analysis import fgsm_accuracy, fve_report, reconstructed_filters
     from ..recipes import load_train_test, train_ensemble
 
