@@ -1,7 +1,8 @@
 """Memory layouts the member ops agree on: channels_last on CPU, and the member-major block layout.
 
 A member-major tensor ``(K, N, C, H, W)`` holds each member's ``(N, C, H, W)`` block in one piece,
-channels_last on CPU, so that batch norm, ReLU and residual adds meet one layout end to end.
+channels_last on CPU, so that batch norm, ReLU and residual adds meet one layout end to end;
+gradients are made in their input's layout (:func:`grad_format`).
 """
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ def members_copy(t: torch.Tensor) -> torch.Tensor:
     out = members_empty(t.shape[0], t[0])
     out.copy_(t)
     return out
+
+
+def grad_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format for a gradient of ``x``: channels_last where ``x`` is (4-d, not NCHW-contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

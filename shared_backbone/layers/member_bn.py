@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .members_bn import members_batch_norm
+from ._layout import grad_format
+from .members_bn import members_batch_norm, save_bn_inputs
 
 __all__ = ["member_batch_norm"]
 
@@ -27,24 +28,16 @@ def _(x, w, b, rm, rv, training, eps):
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
 
-def _setup(ctx, inputs, output):
-    x, w, b, rm, rv, training, eps = inputs
-    ctx.save_for_backward(x, w, rm, rv, output[1], output[2])
-    ctx.args = (training, eps)
-
-
 def _backward(ctx, grad, _gmean, _ginvstd):
     x, w, rm, rv, mean, invstd = ctx.saved_tensors
     training, eps = ctx.args
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
-    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(memory_format=fmt), x, w, rm, rv, mean, invstd,
-                                                            training, eps, mask)
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad.contiguous(memory_format=grad_format(x)), x, w, rm,
+                                                            rv, mean, invstd, training, eps, mask)
     return gx, gw, gb, None, None, None, None
 
 
-_member_batch_norm.register_autograd(_backward, setup_context=_setup)
+_member_batch_norm.register_autograd(_backward, setup_context=save_bn_inputs)
 
 
 def _per_member(t: torch.Tensor | None, d: int | None, k: int) -> torch.Tensor | None:

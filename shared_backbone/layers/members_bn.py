@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["members_batch_norm"]
+from ._layout import grad_format
+
+__all__ = ["members_batch_norm", "save_bn_inputs"]
 
 
 @torch.library.custom_op("shared_backbone::members_batch_norm", mutates_args=())
@@ -34,7 +36,8 @@ def _(x, w, b, rm, rv, training, eps):
     return torch.empty_like(x), w.new_empty(k, c), w.new_empty(k, c)
 
 
-def _setup(ctx, inputs, output):
+def save_bn_inputs(ctx, inputs, output):
+    """``setup_context`` of both batch-norm ops: what ``native_batch_norm_backward`` reads."""
     x, w, b, rm, rv, training, eps = inputs
     ctx.save_for_backward(x, w, rm, rv, output[1], output[2])
     ctx.args = (training, eps)
@@ -49,13 +52,11 @@ def _backward(ctx, grad, _gmean, _ginvstd):
     gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
     for i in range(k):
         xi = x[i]
-        fmt = torch.channels_last if xi.dim() == 4 and not xi.is_contiguous() and xi.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format
         torch.ops.aten.native_batch_norm_backward.out(
-            grad[i].contiguous(memory_format=fmt), xi, w[i], None if rm is None else rm[i],
+            grad[i].contiguous(memory_format=grad_format(xi)), xi, w[i], None if rm is None else rm[i],
             None if rv is None else rv[i], mean[i], invstd[i], training, eps, [True, True, True],
             out0=gx[i], out1=gw[i], out2=gb[i])
     return (gx if mask[0] else None), (gw if mask[1] else None), (gb if mask[2] else None), None, None, None, None
 
 
-members_batch_norm.register_autograd(_backward, setup_context=_setup)
+members_batch_norm.register_autograd(_backward, setup_context=save_bn_inputs)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ._layout import cl, members_empty
 
-__all__ = ["members_split_conv2d"]
+__all__ = ["members_split_conv2d", "save_split_inputs"]
 
 
 @torch.library.custom_op("shared_backbone::members_split_conv2d", mutates_args=())
@@ -40,7 +40,8 @@ def _(x, wl, wf, stride, padding, dilation):
     return members_empty(x.shape[0], o)
 
 
-def _setup(ctx, inputs, output):
+def save_split_inputs(ctx, inputs, output):
+    """``setup_context`` of both split-conv ops: the input, both weights and the conv's arguments."""
     x, wl, wf, stride, padding, dilation = inputs
     ctx.save_for_backward(x, wl, wf)
     ctx.args = (stride, padding, dilation)
@@ -67,4 +68,4 @@ def _backward(ctx, grad):
     return gx, gwl, None, None, None, None
 
 
-members_split_conv2d.register_autograd(_backward, setup_context=_setup)
+members_split_conv2d.register_autograd(_backward, setup_context=save_split_inputs)

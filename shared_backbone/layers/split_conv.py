@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ._layout import cl, members_empty
 from .execution import autocast_inputs, loop_members, strategy
-from .members_split_conv import members_split_conv2d
+from .members_split_conv import members_split_conv2d, save_split_inputs
 
 __all__ = ["split_conv2d"]
 
@@ -25,12 +25,6 @@ def _split_conv2d(x: torch.Tensor, wl: torch.Tensor, wf: torch.Tensor, stride: l
 @_split_conv2d.register_fake
 def _(x, wl, wf, stride, padding, dilation):
     return F.conv2d(cl(x), cl(torch.cat([wl, wf])), None, stride, padding, dilation)
-
-
-def _setup(ctx, inputs, output):
-    x, wl, wf, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, wl, wf)
-    ctx.args = (stride, padding, dilation)
 
 
 def _backward(ctx, grad):
@@ -50,7 +44,7 @@ def _backward(ctx, grad):
     return gx, gwl, None, None, None, None
 
 
-_split_conv2d.register_autograd(_backward, setup_context=_setup)
+_split_conv2d.register_autograd(_backward, setup_context=save_split_inputs)
 
 
 @_split_conv2d.register_vmap
