@@ -2,7 +2,7 @@
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts an op only if it has a formula; the convs
 the library runs through its own ops (``torch.ops.shared_backbone.*``, defined in
-``_member_conv.py``) would count 0. Importing this module (the package does) registers a
+``layers/``) would count 0. Importing this module (the package does) registers a
 formula for each, with torch's own conv convention (``2 * N * C_out * C_in/groups * kh * kw *
 H_out * W_out``: multiply-adds count 2, bias and batch norm are not counted), so an ensemble is
 counted exactly as the plain convs it replaces.
@@ -17,7 +17,7 @@ Ops covered (op name: what it computes):
   torch counts no batch norm.
 
 An op named here that the package does not define is skipped (the module reads the op table,
-not ``_member_conv``'s code); an op the package defines without a formula is an error in the tests.
+not the ops' code); an op the package defines without a formula is an error in the tests.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import _member_conv  # noqa: F401  (defines the shared_backbone:: ops whose formulas are registered below)
+from . import layers  # noqa: F401  (defines the ops)
 
 __all__ = ["inference_flops", "FORMULAS", "NOT_COUNTED", "REGISTERED"]
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lc import LCConv2d, lc_layers, pointwise_weights
+from .layers.lc_conv import LCConv2d, lc_layers
+from .lc_sparsity import pointwise_weights
 from .plots import new_figure, save_png
 
 __all__ = [

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .lc import l1_penalty, pointwise_weights
+from .lc_sparsity import l1_penalty, pointwise_weights
 
 if TYPE_CHECKING:  # for annotations only: train imports this module
     from .train import TrainConfig

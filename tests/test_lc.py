@@ -215,6 +215,28 @@ def test_followed_by_pointwise_torchvision():
     assert seq["0"] == {"pointwise": "2", "through": ["BatchNorm2d"], "linear": True}
 
 
+@pytest.mark.parametrize("conv, norm", [
+    (nn.Conv2d, nn.InstanceNorm2d(4, affine=True)), (nn.Conv2d, nn.SyncBatchNorm(4)),
+    (nn.Conv2d, nn.LazyBatchNorm2d()), (nn.Conv3d, nn.LazyInstanceNorm3d()), (nn.Conv1d, nn.BatchNorm1d(4)),
+])
+def test_followed_by_pointwise_passes_every_kind_of_norm(conv, norm):
+    seq = followed_by_pointwise(nn.Sequential(conv(1, 4, 3), norm, conv(4, 2, 1)))
+    assert seq["0"] == {"pointwise": "2", "through": [type(norm).__name__], "linear": True}
+
+
+def test_surgery_finds_every_norm_and_conv_torch_nn_defines():
+    """lc_surgery names norms and convs by public classes; they cover every class torch.nn derives from
+    its private bases (a class torch adds later fails here)."""
+    from shared_backbone import lc_surgery
+
+    classes = [c for c in vars(nn).values() if isinstance(c, type)]
+    norms = [c for c in classes if issubclass(c, nn.modules.batchnorm._NormBase)]
+    convs = [c for c in classes if issubclass(c, nn.modules.conv._ConvNd)]
+    assert len(norms) >= 13 and len(convs) >= 12
+    assert [c.__name__ for c in norms if not issubclass(c, lc_surgery._NORMS)] == []
+    assert [c.__name__ for c in convs if not issubclass(c, lc_surgery._CONVS)] == []
+
+
 # -- export ---------------------------------------------------------------------------------------------
 def _conv_macs(model, x):
     """Multiply-adds per sample of every conv; an unfused LC-Block runs its k×k conv and its 1×1."""

@@ -1,4 +1,4 @@
-"""The custom ops of ``shared_backbone._member_conv`` and every execution strategy of their vmap rules.
+"""The custom ops of ``shared_backbone.layers`` and every execution strategy of their vmap rules.
 
 - ``torch.library.opcheck`` on every op (schema, fake tensor, autograd registration, AOT dispatch);
 - float64 ``gradcheck`` of every op, unbatched and vmapped under each strategy;
@@ -20,7 +20,8 @@ from torch.func import vmap
 import shared_backbone as sb
 import test_ensemble as te  # the plain-module references, merged by hand
 from test_ensemble import frozen  # noqa: F401  (fixture: a "trained" frozen resnet20, width 4)
-from shared_backbone import _member_conv as mc
+from shared_backbone import layers
+from shared_backbone.layers import split_conv as split_conv_module
 from shared_backbone.ensemble import CONV_EXECUTIONS, conv_execution
 
 OPS = torch.ops.shared_backbone
@@ -67,31 +68,32 @@ def _vmap_vs_loop(op, tensors, dims, rest, out_fn=lambda o: o):
 
 
 def test_conv_execution_setting_and_bad_name():
-    assert mc.get_conv_execution() == "auto" and CONV_EXECUTIONS == ("auto", "grouped", "dense", "loop")
+    assert layers.get_conv_execution() == "auto" and CONV_EXECUTIONS == ("auto", "grouped", "dense", "loop")
     with conv_execution("loop"):
-        assert mc.get_conv_execution() == "loop"
+        assert layers.get_conv_execution() == "loop"
         with conv_execution("grouped"):
-            assert mc.get_conv_execution() == "grouped"
-        assert mc.get_conv_execution() == "loop"
-    assert mc.get_conv_execution() == "auto"
+            assert layers.get_conv_execution() == "grouped"
+        assert layers.get_conv_execution() == "loop"
+    assert layers.get_conv_execution() == "auto"
     with pytest.raises(ValueError, match=r"one of \('auto', 'grouped', 'dense', 'loop'\), got 'fast'"):
-        mc.set_conv_execution("fast")
+        layers.set_conv_execution("fast")
     with pytest.raises(ValueError, match="got 'fast'"), conv_execution("fast"):
         pass
-    assert mc.get_conv_execution() == "auto"
+    assert layers.get_conv_execution() == "auto"
 
 
 @pytest.mark.parametrize("how", CONV_EXECUTIONS)
 def test_each_strategy_runs_the_path_it_names(how, monkeypatch):
     """The setting reaches the rule: grouped -> a grouped conv, dense -> the per-member op, loop -> K calls."""
     seen = []
-    real_conv, real_members = F.conv2d, mc._members_split_conv2d
-    monkeypatch.setattr(mc.F, "conv2d", lambda *a, **kw: seen.append(("conv", a[6] if len(a) > 6 else 1))
+    real_conv, real_members = F.conv2d, split_conv_module.members_split_conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **kw: seen.append(("conv", a[6] if len(a) > 6 else 1))
                         or real_conv(*a, **kw))
-    monkeypatch.setattr(mc, "_members_split_conv2d", lambda *a: seen.append(("members", None)) or real_members(*a))
+    monkeypatch.setattr(split_conv_module, "members_split_conv2d",
+                        lambda *a: seen.append(("members", None)) or real_members(*a))
     x, wl, wf = _t(K, N, C, HW, HW, device="cpu"), _t(K, NL, C, 3, 3, device="cpu"), _t(O - NL, C, 3, 3, device="cpu")
     with conv_execution(how):
-        vmap(lambda a, b: mc.split_conv2d(a, b, wf, *CONV_ARGS), in_dims=(0, 0))(x, wl)
+        vmap(lambda a, b: layers.split_conv2d(a, b, wf, *CONV_ARGS), in_dims=(0, 0))(x, wl)
     want = {"auto": "dense", "grouped": "grouped", "dense": "dense", "loop": "loop"}[how]
     if want == "grouped":
         assert ("conv", K) in seen and ("members", None) not in seen
@@ -161,9 +163,9 @@ def test_gradcheck_float64_vmapped(how, device):
     g = (1 + 0.1 * _t(K, O, device=device, dtype=torch.float64, seed=4)).requires_grad_(True)
 
     def member(x, wl, w, g):
-        h = mc.split_conv2d(x, wl, wf, *CONV_ARGS)
+        h = layers.split_conv2d(x, wl, wf, *CONV_ARGS)
         h = OPS.member_batch_norm(h, g, torch.zeros_like(g), None, None, True, 1e-5)[0]
-        return mc.member_conv2d(torch.relu(h), w, None, *CONV_ARGS)
+        return layers.member_conv2d(torch.relu(h), w, None, *CONV_ARGS)
 
     with conv_execution(how):
         assert torch.autograd.gradcheck(vmap(member), (x, wl, w, g), atol=1e-6, rtol=1e-5, fast_mode=True)
@@ -178,7 +180,7 @@ def test_member_conv2d_vmap_equals_loop(how, xd, wd, device):
     x = _batched((N, C, HW, HW), xd, device)
     w = _batched((O, C, 3, 3), wd, device, seed=1)
     with conv_execution(how):
-        _vmap_vs_loop(mc.member_conv2d, (x, w), (xd, wd), (None, [2, 1], [1, 0], [1, 1]))
+        _vmap_vs_loop(layers.member_conv2d, (x, w), (xd, wd), (None, [2, 1], [1, 0], [1, 1]))
 
 
 # every (x, learned, fixed) combination with at least one batched tensor
@@ -193,7 +195,7 @@ def test_split_conv2d_vmap_equals_loop(how, dims, device):
     wl = _batched((NL, C, 3, 3), ld, device, seed=1)
     wf = _batched((O - NL, C, 3, 3), fd, device, seed=2, grad=False)
     with conv_execution(how):
-        _vmap_vs_loop(mc.split_conv2d, (x, wl, wf), dims, CONV_ARGS)
+        _vmap_vs_loop(layers.split_conv2d, (x, wl, wf), dims, CONV_ARGS)
 
 
 BN_DIMS = [  # (x, weight, bias, running stats) member axes
@@ -221,7 +223,7 @@ def test_member_batch_norm_updates_each_members_running_statistics(device):
     x = _t(K, N, O, HW, HW, device=device)
     w, b = 1 + 0.1 * _t(K, O, device=device, seed=1), _t(K, O, device=device, seed=2)
     rm, rv = torch.zeros(K, O, device=device), torch.ones(K, O, device=device)
-    out = vmap(lambda *a: mc.member_batch_norm(*a, True, 0.1, 1e-5))(x, w, b, rm, rv)
+    out = vmap(lambda *a: layers.member_batch_norm(*a, True, 0.1, 1e-5))(x, w, b, rm, rv)
     for i in range(K):
         rmi, rvi = torch.zeros(O, device=device), torch.ones(O, device=device)
         ref = F.batch_norm(x[i], rmi, rvi, w[i], b[i], True, 0.1, 1e-5)
@@ -275,10 +277,10 @@ def test_dense_strategy_keeps_members_channels_last_on_cpu():
     seen = []
 
     def member(x, wl, w, g):
-        h = mc.split_conv2d(x, wl, wf, *CONV_ARGS)
-        h = mc.member_batch_norm(h, g, torch.zeros_like(g), None, None, True, 0.1, 1e-5)
+        h = layers.split_conv2d(x, wl, wf, *CONV_ARGS)
+        h = layers.member_batch_norm(h, g, torch.zeros_like(g), None, None, True, 0.1, 1e-5)
         seen.append(h)
-        return mc.member_conv2d(torch.relu(h), w, None, *CONV_ARGS)
+        return layers.member_conv2d(torch.relu(h), w, None, *CONV_ARGS)
 
     with conv_execution("dense"):
         out = vmap(member)(x, wl, w, g)

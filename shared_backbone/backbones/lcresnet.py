@@ -1,13 +1,13 @@
 """LCResNets (the LC paper): CIFAR ResNets whose every k×k conv, the stem's too, is an LC-Block.
 
 ``LCResNet-{D}-{W}x{E}`` is :func:`~shared_backbone.backbones.cifar_resnet._cifar_resnet` with
-``conv_layer`` = :class:`~shared_backbone.lc.LCConv2d` of expansion E. Shortcut 1×1s stay plain.
+``conv_layer`` = :class:`~shared_backbone.layers.LCConv2d` of expansion E. Shortcut 1×1s stay plain.
 With ``sharing="global"`` or ``"recycled"`` every spatial conv slices one tensor
 ``W_s ~ U[-1, 1]``, registered once as ``model.shared_spatial``.
 """
 from __future__ import annotations
 
-from ..lc import SHARING_MODES, LCConv2d, SharedSpatial, check_expansion, check_odd_kernel
+from ..layers.lc_conv import SHARING_MODES, LCConv2d, SharedSpatial, check_expansion, check_odd_kernel
 from ._base import Backbone
 from ._registry import register_backbone
 from .cifar_resnet import _cifar_resnet
