@@ -19,7 +19,8 @@ from .metrics import evaluate_ensemble
 from .slices import Full, SliceSpec
 from .train import TrainConfig, _steps_per_epoch, fit, predict
 
-__all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report", "equal_cost_steps", "BASELINES"]
+__all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report", "equal_cost_steps", "BASELINES",
+           "SCHEDULES"]
 
 BASELINES = ("none", "single", "deep")
 
@@ -116,9 +117,86 @@ def _side(kind: str, members: int, metrics: dict, record: dict, train_seconds: f
             "history": record.get("history", []), **extra}
 
 
+SCHEDULES = ("restart", "shared")
+
+
+class _Snapshot:
+    """``on_step`` hook: freeze a copy of a single model's run at one step, and note the time then."""
+
+    def __init__(self, model: Ensemble, at: int):
+        self.model, self.at = model, at
+        self.t0 = time.perf_counter()
+        self.frozen: FrozenBackbone | None = None
+        self.seconds = 0.0
+
+    def __call__(self, step: int) -> None:
+        if step == self.at:
+            self.frozen = FrozenBackbone.from_module(self.model.member(0))
+            self.seconds = time.perf_counter() - self.t0
+
+
+def _ood_set(ood: str | None, card) -> TensorData | None:
+    if ood is None:
+        return None
+    if ood != "mnist5k":
+        raise ValueError(f"unknown OOD set {ood!r}; available: 'mnist5k' or None")
+    images, _ = mnist5k()
+    return TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
+
+
+def _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock) -> dict:
+    """One step of the ensemble and one of a full model, timed interleaved."""
+    probes = {"ensemble": Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
+                                   vectorized=vectorized),
+              "single": Ensemble(random_frozen, Full(), members=1, member_init="backbone")}
+    step_seconds = equal_cost_steps({k: _step_fn(m, train, config if k == "ensemble" else full_config)
+                                     for k, m in probes.items()}, clock=clock)
+    return {"step_seconds": step_seconds,
+            "ensemble_step_in_single_steps": step_seconds["ensemble"] / max(step_seconds["single"], 1e-12)}
+
+
+def _deep_cost(deep_members, vectorized, random_frozen, train, full_config, clock) -> dict:
+    """One step of ``deep_members`` full models against one of a single full model, timed interleaved."""
+    single = Ensemble(random_frozen, Full(), members=1, member_init="backbone")
+    deep = Ensemble(random_frozen, Full(), members=deep_members, member_init="random", data="own",
+                    vectorized=vectorized)
+    t = equal_cost_steps({"single": _step_fn(single, train, full_config), "deep": _step_fn(deep, train, full_config)},
+                         clock=clock)
+    return {"deep_members": deep_members, "deep_step_in_single_steps": t["deep"] / max(t["single"], 1e-12)}
+
+
+def _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing) -> dict:
+    """Steps of each part: warm start, members, the single-model budget; the members' config."""
+    per_epoch = _steps_per_epoch(len(train), config)
+    full_per_epoch = _steps_per_epoch(len(train), full_config)
+    warm = max(1, round(warm_start_epochs * full_per_epoch)) if warm_start_epochs else 0
+    ratio = timing.get("ensemble_step_in_single_steps")
+    if budget_epochs is not None:
+        budget = max(1, round(budget_epochs * full_per_epoch))
+        if warm >= budget:
+            raise ValueError(f"warm_start_epochs ({warm_start_epochs}) must be below budget_epochs ({budget_epochs}): "
+                             "the members need a part of the budget")
+        member_steps = max(1, round((budget - warm) / ratio))
+        member_config = _config_for_steps(config, member_steps, len(train))
+        member_steps = member_config.epochs * member_config.max_steps_per_epoch
+    else:
+        member_config, member_steps = config, per_epoch * config.epochs
+        budget = max(1, round(warm + member_steps * ratio)) if ratio is not None else None
+    plan = {"warm_steps": warm, "ensemble_steps": member_steps, "budget_single_steps": budget,
+            "member_config": member_config, "single_config": None}
+    if schedule == "shared":  # one cosine over the whole budget: the warm start covers [0, f], the members [f, 1]
+        single = _config_for_steps(full_config, budget, len(train))
+        f = warm / (single.epochs * single.max_steps_per_epoch)
+        plan["single_config"] = single
+        plan["member_config"] = TrainConfig.from_dict({**asdict(member_config), "schedule_from": f})
+        plan["schedule_split"] = f
+    return plan
+
+
 def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet20", backbone_cfg: dict | None = None,
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: float = 0,
                    full_config: TrainConfig | None = None, member_init: str | None = None,
+                   budget_epochs: float | None = None, schedule: str = "restart",
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", baseline: str = "single",
                    deep_members: int | None = None, out_dir: str | Path | None = None,
@@ -136,6 +214,14 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     learned rows (the default without a warm start), ``"backbone"`` copies the frozen values
     (the default after one; members then need ``data="own"`` to differ, which is then chosen).
 
+    ``budget_epochs``: the whole ensemble's cost, warm start included, in epochs of one full model;
+    the members then train for what the warm start leaves (``config.epochs`` is not used). Without
+    it the members train ``config.epochs`` and the budget is what that costs.
+    ``schedule``: ``"restart"`` gives the warm start and the members a cosine each; ``"shared"``
+    makes them two pieces of one cosine over the budget (warm start ``[0, f]``, members ``[f, 1]``
+    from ``config.lr``'s peak), and the warm start is then cut from the single model's own run at
+    the step ``f`` of its budget: with ``baseline="single"`` that run *is* the baseline, trained once.
+
     ``baseline``: ``"single"`` trains one ``Full()`` model of the same backbone, seed, data and
     ``full_config`` for the ensemble's whole cost, warm start included; ``"deep"`` trains as many
     independent full models as fit (``deep_members``, default ``min(K, budget in epochs)``, at
@@ -150,8 +236,15 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if warm_start_epochs < 0:
         raise ValueError(f"warm_start_epochs must be >= 0, got {warm_start_epochs!r}")
+    if schedule == "shared" and not warm_start_epochs:
+        raise ValueError("schedule='shared' splits one schedule between a warm start and the members: "
+                         "it needs warm_start_epochs > 0")
+    if budget_epochs is not None and not (isinstance(budget_epochs, (int, float)) and budget_epochs > 0):
+        raise ValueError(f"budget_epochs must be a number of epochs > 0 or None, got {budget_epochs!r}")
     config = config or TrainConfig(seed=seed)
     full_config = full_config or config
     train, test, card = load_train_test(task, train_subset, test_subset, seed)
@@ -159,51 +252,43 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     member_init = member_init or ("backbone" if warm_start_epochs else "random")
     if member_init == "backbone" and data == "shared" and members > 1:
         data = "own"  # same start: members differ by their data order
-    ood_data = None
-    if ood == "mnist5k":
-        images, _ = mnist5k()
-        ood_data = TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
-    elif ood is not None:
-        raise ValueError(f"unknown OOD set {ood!r}; available: 'mnist5k' or None")
+    ood_data = _ood_set(ood, card)
 
     # the cost of one step of each arm, measured side by side before anything trains
-    per_epoch = _steps_per_epoch(len(train), config)
-    full_per_epoch = _steps_per_epoch(len(train), full_config)
-    warm_steps = max(1, round(warm_start_epochs * full_per_epoch)) if warm_start_epochs else 0
-    ens_steps = per_epoch * config.epochs
     timing: dict = {}
-    if baseline != "none":
+    if baseline != "none" or budget_epochs is not None or schedule == "shared":
         random_frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
-        probes = {"ensemble": Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
-                                       vectorized=vectorized),
-                  "single": Ensemble(random_frozen, Full(), members=1, member_init="backbone")}
-        step_seconds = equal_cost_steps({k: _step_fn(m, train, config if k == "ensemble" else full_config)
-                                         for k, m in probes.items()}, clock=clock)
-        ratio = step_seconds["ensemble"] / max(step_seconds["single"], 1e-12)
-        budget = max(1, round(warm_steps + ens_steps * ratio))  # in single-model steps
-        timing = {"step_seconds": step_seconds, "ensemble_step_in_single_steps": ratio,
-                  "warm_steps": warm_steps, "ensemble_steps": ens_steps, "budget_single_steps": budget}
-        if baseline == "deep":
-            m = deep_members or max(1, min(members, budget // full_per_epoch))
-            deep = Ensemble(random_frozen, Full(), members=m, member_init="random", seed=seed, data="own",
-                            vectorized=vectorized)
-            deep_seconds = equal_cost_steps({"single": _step_fn(probes["single"], train, full_config),
-                                             "deep": _step_fn(deep, train, full_config)}, clock=clock)
-            timing["deep_step_in_single_steps"] = deep_seconds["deep"] / max(deep_seconds["single"], 1e-12)
-            timing["deep_members"] = m
-        del probes
+        timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock)
+    plan = _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing)
+    timing.update({k: plan[k] for k in ("warm_steps", "ensemble_steps", "budget_single_steps")})
+    if baseline == "deep":
+        full_per_epoch = _steps_per_epoch(len(train), full_config)
+        m = deep_members or max(1, min(members, plan["budget_single_steps"] // full_per_epoch))
+        timing.update(_deep_cost(m, vectorized, random_frozen, train, full_config, clock))
 
     t0 = time.perf_counter()
-    if warm_start_epochs:
+    single_run = None
+    if schedule == "shared":  # the single model's run, cut at the warm start (and run to its end if it is the baseline)
+        single = Ensemble(FrozenBackbone(build_backbone(backbone, **cfg), seed=seed), Full(), members=1,
+                          member_init="backbone")
+        snap = _Snapshot(single, plan["warm_steps"])
+        go_on = baseline == "single"
+        srecord = fit(single, train, test if go_on else None, plan["single_config"], accelerator=accelerator,
+                      progress=progress, on_step=snap, stop_after=None if go_on else plan["warm_steps"])
+        frozen, warm_seconds = snap.frozen, snap.seconds
+        single_run = (single, srecord) if go_on else None
+    elif warm_start_epochs:
         frozen = warm_start(backbone, cfg, train, warm_start_epochs, full_config, seed, progress, accelerator)
+        warm_seconds = time.perf_counter() - t0
     else:
         frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
-    warm_seconds = time.perf_counter() - t0
+        warm_seconds = time.perf_counter() - t0
+    member_config = plan["member_config"]
     ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
                    vectorized=vectorized)
-    record = fit(ens, train, test, config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
+    record = fit(ens, train, test, member_config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
                  resume=resume, checkpoint_every=checkpoint_every, progress=progress)
-    logits, ood_logits = _predict_all(ens, test, ood_data, config, record)
+    logits, ood_logits = _predict_all(ens, test, ood_data, member_config, record)
     arrays = {"test_logits": logits, "test_labels": test.y.cpu()}
     if ood_logits is not None:
         arrays["ood_logits"] = ood_logits
@@ -214,6 +299,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     report = {
         "task": task, "backbone": backbone, "backbone_config": cfg, "spec": repr(spec), "members": members,
         "data": data, "member_init": member_init, "warm_start_epochs": warm_start_epochs,
+        "budget_epochs": budget_epochs, "schedule": schedule, "schedule_split": plan.get("schedule_split"),
         "train_size": len(train), "test_size": len(test),
         "fingerprint": frozen.fingerprint, "train": {k: v for k, v in record.items() if k != "test"},
         "warm_start_seconds": warm_seconds, "wall_seconds": time.perf_counter() - t0,
@@ -226,25 +312,36 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     # a warm-started backbone cannot be regenerated from a seed: it is stored once beside the slices
     stored = counts["stored_bytes"] * members + (0 if frozen.regenerable else full_bytes)
     report["ensemble"] = _side(f"{members} x {spec!r}", members, metrics, record, ens_seconds, stored,
-                               warm_steps + record["steps"], warm_steps=warm_steps,
+                               plan["warm_steps"] + record["steps"], warm_steps=plan["warm_steps"],
                                stored_bytes_per_member=counts["stored_bytes"])
     report["baseline"] = None
     if baseline != "none":
-        k = timing.get("deep_members", 1)
-        steps = timing["budget_single_steps"] if baseline == "single" else \
+        report["baseline"] = _baseline(baseline, single_run, timing, backbone, cfg, seed, vectorized, train, test,
+                                       ood_data, full_config, accelerator, progress, full_bytes, arrays)
+    return ens, report, arrays
+
+
+def _baseline(kind, single_run, timing, backbone, cfg, seed, vectorized, train, test, ood_data, full_config,
+              accelerator, progress, full_bytes, arrays) -> dict:
+    """The equal-cost baseline: trained here, or the single model's run the warm start was cut from."""
+    k = timing.get("deep_members", 1)
+    if single_run is not None:
+        base, brecord = single_run
+        base_cfg = full_config
+    else:
+        steps = timing["budget_single_steps"] if kind == "single" else \
             max(1, round(timing["budget_single_steps"] / timing["deep_step_in_single_steps"]))
         base = Ensemble(FrozenBackbone(build_backbone(backbone, **cfg), seed=seed), Full(), members=k,
                         member_init="backbone" if k == 1 else "random", seed=seed,
                         data="shared" if k == 1 else "own", vectorized=vectorized)
         base_cfg = _config_for_steps(full_config, steps, len(train))
         brecord = fit(base, train, test, base_cfg, accelerator=accelerator, progress=progress)
-        b_logits, b_ood = _predict_all(base, test, ood_data, base_cfg, brecord)
-        arrays["baseline_test_logits"] = b_logits
-        if b_ood is not None:
-            arrays["baseline_ood_logits"] = b_ood
-        report["baseline"] = _side(f"{k} x Full()", k, evaluate_ensemble(b_logits, test.y.cpu(), b_ood), brecord,
-                                   brecord["train_seconds"], full_bytes * k, brecord["steps"], timing=timing)
-    return ens, report, arrays
+    b_logits, b_ood = _predict_all(base, test, ood_data, base_cfg, brecord)
+    arrays["baseline_test_logits"] = b_logits
+    if b_ood is not None:
+        arrays["baseline_ood_logits"] = b_ood
+    return _side(f"{k} x Full()", k, evaluate_ensemble(b_logits, test.y.cpu(), b_ood), brecord,
+                 brecord["train_seconds"], full_bytes * k, brecord["steps"], timing=timing)
 
 
 _ROWS = (("accuracy", "accuracy", "{:.4f}"), ("NLL", "nll", "{:.4f}"), ("ECE (15 bins)", "ece", "{:.4f}"),

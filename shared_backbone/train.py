@@ -353,7 +353,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tupl
     return ce.item() * n, (logits.argmax(-1) == target).float().sum().item(), n * logits.shape[0]
 
 
-def _one_epoch(run: _Run, epoch: int, position: dict, checkpoint_every: int | None, on_step, progress: bool) -> None:
+def _one_epoch(run: _Run, epoch: int, position: dict, checkpoint_every: int | None, on_step, progress: bool,
+               stop_after: int | None = None) -> None:
     """Train one epoch (from ``position``'s step when resuming into it), record it, checkpoint at its end."""
     cfg, steps = run.cfg, run.steps
     skip = position["step_in_epoch"] if epoch == position["epoch"] else 0
@@ -363,7 +364,7 @@ def _one_epoch(run: _Run, epoch: int, position: dict, checkpoint_every: int | No
     bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=None if progress and run.main_process else True)  # None: off when not a terminal
     for i, (x, y) in enumerate(_member_batches(run.local, run.train, cfg, epoch, run.sets)):
-        if i >= steps:
+        if i >= steps or (stop_after is not None and run.step >= stop_after):
             break
         if i < skip:  # resuming mid-epoch: replay the stream (same order, same augmentation draws)
             continue
@@ -414,7 +415,7 @@ def _finish(run: _Run, test: TensorData | None, seconds: float) -> dict:
 def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, config: TrainConfig | None = None,
         *, accelerator=None, parallel: str = "data", out_dir: str | Path | None = None, resume: bool = False,
         checkpoint_every: int | None = None, on_step=None, progress: bool = True,
-        regularizers: Sequence[Regularizer] = ()) -> dict:
+        regularizers: Sequence[Regularizer] = (), stop_after: int | None = None) -> dict:
     """Train every member's slice; return a JSON-ready record (losses, test logits' metrics, time).
 
     Each member gets its own cross-entropy; their sum is minimised, so K members train exactly as
@@ -430,11 +431,15 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     Checkpoints (``out_dir/checkpoint``: safetensors + JSON, written atomically) hold the whole
     stack whatever the process count, at every epoch's end and every ``checkpoint_every`` steps;
     ``resume`` continues from one mid-epoch to the same result as an uninterrupted run.
-    ``on_step(step)`` is called after each optimizer step (and its checkpoint).
+    ``on_step(step)`` is called after each optimizer step (and its checkpoint). ``stop_after`` ends
+    training after that many optimizer steps in all while the schedule still spans the whole
+    ``config``: the first part of a longer run (a warm start cut from a single model's schedule).
 
     ``parallel="local"`` trains on this process alone with no collective operation, also under a
     launcher: for task-parallel runs where each process trains its own tasks (``train_adapter.py``).
     """
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive number of steps or None, got {stop_after!r}")
     run = _set_up(model, train, config or TrainConfig(), accelerator, parallel, out_dir, checkpoint_every,
                   regularizers)
     position = _restore(run) if resume else dict(_START)
@@ -442,5 +447,7 @@ def fit(model: MemberStack, train: TensorData, test: TensorData | None = None, c
     t0 = time.perf_counter()
     run.wrapped.train()
     for epoch in range(position["epoch"], run.cfg.epochs):
-        _one_epoch(run, epoch, position, checkpoint_every, on_step, progress)
+        if stop_after is not None and run.step >= stop_after:
+            break
+        _one_epoch(run, epoch, position, checkpoint_every, on_step, progress, stop_after)
     return _finish(run, test, time.perf_counter() - t0)

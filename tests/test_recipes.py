@@ -10,7 +10,7 @@ from shared_backbone import BatchNorm, Filters, Head, parse_spec, resolve
 from shared_backbone.plots import plot_ensemble_report
 from shared_backbone.recipes import equal_cost_steps, format_report, train_ensemble
 from shared_backbone.slices import spec_from_dict
-from shared_backbone.train import TrainConfig
+from shared_backbone.train import TrainConfig, fit
 
 LAST_STAGE = Filters(0.25, stages=["block3"]) + BatchNorm(stages=["block3"]) + Head()
 
@@ -127,3 +127,65 @@ def test_no_baseline_and_bad_baseline():
     assert "ensemble K=2" in text and "1 full model" not in text and "single-model steps" not in text
     with pytest.raises(ValueError, match="'none', 'single', 'deep'.*'both'"):
         train_ensemble(Head(), baseline="both", **TINY)
+
+
+# --------------------------------------------------------------------------- one budget, one schedule
+
+
+def _single_run(steps: int, stop_after: int | None, config: TrainConfig):
+    """A reference: one full model trained on the same data for ``steps`` (cut at ``stop_after``), as a user would."""
+    from shared_backbone.recipes import _config_for_steps, load_train_test
+    train, _, card = load_train_test("digits", 128, 64, 0)
+    model = sb.Ensemble(sb.FrozenBackbone(sb.build_backbone("resnet20", width=4, in_channels=card.input_shape[0],
+                                                             num_classes=card.num_classes), seed=0),
+                        sb.Full(), members=1, member_init="backbone")
+    fit(model, train, None, _config_for_steps(config, steps, len(train)), progress=False, stop_after=stop_after)
+    return model.member(0).state_dict()
+
+
+@pytest.mark.parametrize("baseline", ["single", "none"])
+def test_a_shared_schedule_cuts_the_warm_start_from_the_single_models_run(baseline):
+    # 128 images / 32 = 4 steps an epoch; a budget of 2 epochs = 8 single steps; the warm start takes 1 epoch
+    # (4 steps); an ensemble step costs 2 single steps by this clock, so the members get (8 - 4) / 2 = 2 steps
+    full = TrainConfig(epochs=1, batch_size=32)
+    members = TrainConfig(epochs=5, batch_size=32)  # epochs unused: the budget sizes the members
+    _, r, _ = train_ensemble(LAST_STAGE, members=2, config=members, full_config=full, warm_start_epochs=1,
+                             budget_epochs=2, schedule="shared", baseline=baseline, ood=None,
+                             clock=_scripted_clock([2.0, 1.0]), **TINY)
+    assert (r["schedule"], r["schedule_split"]) == ("shared", 0.5)
+    assert r["ensemble"]["steps"] == 4 + 2 and r["train"]["config"]["schedule_from"] == 0.5
+    # the frozen backbone is the single model's run stopped after 4 of its 8 steps, whatever the baseline
+    warm = _single_run(8, 4, full)
+    assert r["fingerprint"] == sb.FrozenBackbone.from_module(_module(warm)).fingerprint
+    if baseline == "single":  # the baseline is that same run, on to its end: 8 steps, as if never cut
+        assert r["baseline"]["steps"] == 8 and r["baseline"]["timing"]["budget_single_steps"] == 8
+        assert r["baseline"]["metrics"]["accuracy"] == _accuracy(_single_run(8, None, full))
+    else:
+        assert r["baseline"] is None
+
+
+def _module(state):
+    m = sb.build_backbone("resnet20", width=4, in_channels=1, num_classes=10)
+    m.load_state_dict(state)
+    return m
+
+
+def _accuracy(state) -> float:
+    from shared_backbone.recipes import load_train_test
+    import torch
+    _, test, _ = load_train_test("digits", 128, 64, 0)
+    m = _module(state).eval()
+    with torch.no_grad():
+        return (m(test.x).argmax(-1) == test.y).float().mean().item()
+
+
+def test_budget_and_schedule_are_checked():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        train_ensemble(Head(), schedule="cyclic", **TINY)
+    with pytest.raises(ValueError, match="needs warm_start_epochs"):
+        train_ensemble(Head(), schedule="shared", **TINY)
+    with pytest.raises(ValueError, match="budget_epochs must be"):
+        train_ensemble(Head(), budget_epochs=0, **TINY)
+    with pytest.raises(ValueError, match=r"warm_start_epochs \(2\) must be below budget_epochs \(2\)"):
+        train_ensemble(Head(), budget_epochs=2, warm_start_epochs=2, baseline="none", ood=None,
+                       clock=_scripted_clock([1.0]), **TINY)
