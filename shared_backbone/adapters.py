@@ -546,11 +546,4 @@ def _members_forward(stack: MemberStack, idx: torch.Tensor, h: torch.Tensor) -> 
         return stack.forward_members(h, per_member=True, vectorized=True)
     slices = {n: p[idx] for n, p in stack.slices.items()}
     stats = {n: b[idx] for n, b in stack.member_stats.as_dict().items()}
-    stack._fixed_cache = stack.fixed.as_dict()
-    try:
-        if len(idx) == 1:
-            one = stack._member_forward({n: t[0] for n, t in slices.items()}, {n: b[0] for n, b in stats.items()}, h[0])
-            return one.unsqueeze(0)
-        return vmap(stack._member_forward, in_dims=(0, 0, 0))(slices, stats, h)
-    finally:
-        stack._fixed_cache = {}
+    return stack.forward_members(h, per_member=True, vectorized=True, slices=slices, stats=stats)

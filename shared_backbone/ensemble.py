@@ -1,23 +1,21 @@
 """K members over one frozen backbone, run in one vmapped call."""
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterable
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.utils.stateless import _reparametrize_module
 
+from ._norms import is_batch_norm
 from .frozen import FrozenBackbone, init_module
 from .slices import SliceLayout, SliceSpec, resolve
 from ._member_conv import CONV_EXECUTIONS, conv_execution
 from ._split import build_template, merge_param, template_key
 
-__all__ = ["Ensemble", "MemberStack", "CONV_EXECUTIONS", "conv_execution"]
+__all__ = ["Ensemble", "MemberStack", "FrozenSource", "CONV_EXECUTIONS", "conv_execution"]
 
-_BN = nn.modules.batchnorm._NormBase
 _DATA_MODES = ("shared", "own")
 
 
@@ -48,6 +46,41 @@ def _stage_of(name: str) -> str:
     return parts[1]
 
 
+class FrozenSource(Protocol):
+    """What a stack reads of its frozen side: the backbone (tensors shared, never trained) and its fingerprint.
+
+    A :class:`FrozenBackbone`, or a view of one (an adapter's backbone with a head of its own size).
+    """
+
+    @property
+    def backbone(self) -> nn.Module: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class _StageRunner(nn.Module):
+    """The member template (on ``meta``, no data) with a forward that runs a named range of its stages.
+
+    It holds the template's own children and root tensors, so one public ``functional_call`` swaps in
+    every tensor a run reads, the root's too (the spatial weight that every LC-Block slices).
+    """
+
+    def __init__(self, template: nn.Module):
+        super().__init__()
+        for name, child in template.named_children():
+            self.add_module(name, child)
+        for name, p in template.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in template.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+
+    def forward(self, h: torch.Tensor, stages: Sequence[str]) -> torch.Tensor:
+        for s in stages:
+            h = self.stages[s](h)
+        return h
+
+
 class MemberStack(nn.Module):
     """The machinery shared by ensembles and adapter banks: K slices of one layout, vmapped.
 
@@ -57,7 +90,7 @@ class MemberStack(nn.Module):
     ``functional_call`` runs is kept on the meta device and is not registered.
     """
 
-    def __init__(self, frozen: FrozenBackbone, layout: SliceLayout, members: int, *, data: str = "shared",
+    def __init__(self, frozen: FrozenSource, layout: SliceLayout, members: int, *, data: str = "shared",
                  vectorized: bool = True):
         super().__init__()
         self.vectorized = vectorized  # default execution: one vmapped call (True) or a loop over members
@@ -74,13 +107,13 @@ class MemberStack(nn.Module):
         owned = {_stage_of(n) for n in layout}
         first = 0 if data == "own" else min(stages.index(s) for s in owned)
         self.prefix_stages, self.member_stages = stages[:first], stages[first:]
-        object.__setattr__(self, "_template", build_template(bb, layout))
+        object.__setattr__(self, "_template", _StageRunner(build_template(bb, layout)))  # not registered
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in bb.modules())
 
         params = dict(bb.named_parameters())
         bn_buffers = {
             f"{mn}.{bn}": b
-            for mn, m in bb.named_modules() if isinstance(m, _BN)
+            for mn, m in bb.named_modules() if is_batch_norm(m)
             for bn, b in m.named_buffers(recurse=False)
         }
         member_region = tuple(f"stages.{s}." for s in self.member_stages)
@@ -104,7 +137,7 @@ class MemberStack(nn.Module):
             {_esc(n): nn.Parameter(_rows(params[n], sl).unsqueeze(0).repeat(members, *[1] * params[n].dim()).clone())
              for n, sl in layout.items()}
         )
-        self._keys = {n: template_key(n, sl, "learned") for n, sl in layout.items()}
+        self._learned_keys = {_esc(n): template_key(n, sl, "learned") for n, sl in layout.items()}
 
     # -- state --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MemberStack":
@@ -170,57 +203,48 @@ class MemberStack(nn.Module):
             raise IndexError(f"member index must be in [0, {self.members}), got {i!r}")
 
     # -- forward ------------------------------------------------------------------------------
-    def _run(self, stages: Iterable[str], tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        # tensors outside the stages (a spatial weight that every LC-Block slices) sit on the root
-        outer = {k: v for k, v in tensors.items() if not k.startswith("stages.")}
-        with _reparametrize_module(self._template, outer) if outer else contextlib.nullcontext():
-            for s in stages:
-                p = f"stages.{s}."
-                sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
-                h = functional_call(self._template.stages[s], sub, (h,))
-        return h
+    def member_forward(self, fixed: dict[str, torch.Tensor], slices: dict[str, torch.Tensor],
+                       stats: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """One member, unbatched: its stages with every tensor they read passed in.
 
-    def _member_forward(self, slices: dict, stats: dict, h: torch.Tensor) -> torch.Tensor:
-        """One member, unbatched: its slice and statistics over the fixed tensors."""
-        tensors = dict(self._fixed_cache)
-        tensors.update(stats)
-        tensors.update({self._keys[_unesc(n)]: t for n, t in slices.items()})
-        return self._run(self.member_stages, tensors, h)
+        ``fixed``: the frozen tensors (:attr:`fixed`); ``slices``: the member's learned tensors, keyed as
+        :attr:`slices`; ``stats``: its BatchNorm statistics (updated in place in train mode).
+        Shape: ``h (N, ...) -> (N, classes)``.
+        """
+        learned = {self._learned_keys[n]: t for n, t in slices.items()}
+        return functional_call(self._template, (fixed, stats, learned), (h, self.member_stages))
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The stages no member owns, run once. Shape: ``(N, C, H, W) -> features``."""
-        tensors = {**self.fixed.as_dict(), **self.shared_stats.as_dict()}
-        return self._run(self.prefix_stages, tensors, x)
+        if not self.prefix_stages:
+            return x
+        tensors = (self.fixed.as_dict(), self.shared_stats.as_dict())
+        return functional_call(self._template, tensors, (x, self.prefix_stages))
 
-    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None,
-                        per_member: bool | None = None) -> torch.Tensor:
+    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None, per_member: bool | None = None,
+                        slices: dict[str, torch.Tensor] | None = None,
+                        stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Members' stages on features ``h``: shared ``(N, ...)`` or, with ``per_member``, ``(K, N, ...)``.
 
+        The one place members are batched: :meth:`member_forward` under ``vmap`` over the leading
+        member axis of ``slices`` and ``stats`` (default: this stack's own; the adapter bank passes a
+        mixed batch's tasks), or in a loop over it (``vectorized=False``; the same function).
         Shape: -> ``(K, N, C)``.
         """
-        vectorized = self.vectorized if vectorized is None else vectorized
+        slices = dict(self.slices.items()) if slices is None else slices
+        stats = self.member_stats.as_dict() if stats is None else stats
+        k = len(next(iter(slices.values())))
         # K=1 gains nothing from vmap, and torch 2.14's CPU conv backward under a size-1 vmap can
         # corrupt the heap (tests/test_ensemble.py::test_single_member_backward_does_not_crash)
-        vectorized = vectorized and self.members > 1
-        self._fixed_cache = self.fixed.as_dict()
-        slices = dict(self.slices.items())
-        stats = self.member_stats.as_dict()
-        if per_member is None:
-            per_member = self.data == "own"
-        h_dim = 0 if per_member else None
-        try:
-            if vectorized:
-                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim), chunk_size=_vmap_chunk(self.members, h),
-                          randomness="different" if self._has_dropout else "error")
-                return fn(slices, stats, h)
-            outs = []
-            for i in range(self.members):
-                hi = h[i] if h_dim == 0 else h
-                outs.append(self._member_forward({n: p[i] for n, p in slices.items()},
-                                                 {n: b[i] for n, b in stats.items()}, hi))
-            return torch.stack(outs)
-        finally:
-            self._fixed_cache = {}
+        vectorized = (self.vectorized if vectorized is None else vectorized) and k > 1
+        per_member = self.data == "own" if per_member is None else per_member
+        fixed = self.fixed.as_dict()
+        if vectorized:
+            fn = vmap(self.member_forward, in_dims=(None, 0, 0, 0 if per_member else None),
+                      chunk_size=_vmap_chunk(k, h), randomness="different" if self._has_dropout else "error")
+            return fn(fixed, slices, stats, h)
+        return torch.stack([self.member_forward(fixed, _member(slices, i), _member(stats, i), h[i] if per_member else h)
+                            for i in range(k)])
 
     def check_input(self, x: torch.Tensor) -> None:
         """Shared input ``(N, C, H, W)``; with ``data="own"`` also one batch per member ``(K, N, C, H, W)``."""
@@ -267,6 +291,10 @@ def _vmap_chunk(k: int, h: torch.Tensor) -> int | None:
     while k % chunk == 1:
         chunk += 1
     return chunk
+
+
+def _member(stacked: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {n: t[i] for n, t in stacked.items()}
 
 
 def _rows(t: torch.Tensor, sl) -> torch.Tensor:

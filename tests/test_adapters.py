@@ -137,13 +137,13 @@ def test_mixed_batch_equals_each_task_alone(bank, x12):
 
 def test_mixed_batch_is_one_vmapped_call(bank, x12, monkeypatch):
     calls = []
-    original = MemberStack._member_forward
+    original = MemberStack.member_forward
 
-    def counting(self, slices, stats, h):
+    def counting(self, fixed, slices, stats, h):
         calls.append(h.shape)
-        return original(self, slices, stats, h)
+        return original(self, fixed, slices, stats, h)
 
-    monkeypatch.setattr(MemberStack, "_member_forward", counting)
+    monkeypatch.setattr(MemberStack, "member_forward", counting)
     bank(x12, tasks=MIX)
     assert len(calls) == 1  # traced once by vmap, not once per task
     calls.clear()
