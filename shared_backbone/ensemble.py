@@ -145,6 +145,11 @@ class MemberStack(nn.Module):
         self._template.train(mode)
         return self
 
+    @staticmethod
+    def slice_key(name: str) -> str:
+        """The key of backbone parameter ``name`` in :attr:`slices` (``ParameterDict`` keys hold no dots)."""
+        return _esc(name)
+
     def slice_of(self, i: int) -> dict[str, torch.Tensor]:
         """Member ``i``'s learned tensors by backbone parameter name."""
         self._check_member(i)
@@ -178,6 +183,20 @@ class MemberStack(nn.Module):
                 mine[n][i].copy_(t)
             elif n in shared:
                 shared[n].copy_(t)
+
+    def stack_members(self, slices: Sequence[dict[str, torch.Tensor]], stats: Sequence[dict[str, torch.Tensor]]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Members' slices and statistics by backbone name (as :meth:`slice_of`/:meth:`stats_of` give them)
+        stacked on a leading member axis, as :meth:`forward_members` takes them. Statistics this stack
+        shares over members are left out (its own are used). Shape: ``K x (...) -> (K, ...)``."""
+        want = set(self.layout)
+        for s in slices:
+            if set(s) != want:
+                raise ValueError(f"slice does not match the spec: missing {sorted(want - set(s))[:4]}, "
+                                 f"unexpected {sorted(set(s) - want)[:4]}")
+        stacked = {_esc(n): torch.stack([s[n] for s in slices]) for n in self.layout}
+        mine = self.member_stats.as_dict()
+        return stacked, {n: torch.stack([st[n] for st in stats]) for n in mine}
 
     def select(self, ids: list[int]) -> "MemberStack":
         """A stack of members ``ids`` only, sharing this one's frozen tensors (member-parallel training).
