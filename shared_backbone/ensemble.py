@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Protocol, Sequence
 
 import torch
@@ -60,25 +61,35 @@ class FrozenSource(Protocol):
 
 
 class _StageRunner(nn.Module):
-    """The member template (on ``meta``, no data) with a forward that runs a named range of its stages.
+    """Stages ``names`` of the member template (on ``meta``, no data), run in order.
 
-    It holds the template's own children and root tensors, so one public ``functional_call`` swaps in
-    every tensor a run reads, the root's too (the spatial weight that every LC-Block slices).
+    It holds those stages and the template's root tensors and other root modules (the spatial weight
+    that every LC-Block slices) under the template's own names, so one public ``functional_call``
+    swaps in every tensor a run reads; :meth:`run` picks those out of the dicts it is given.
     """
 
-    def __init__(self, template: nn.Module):
+    def __init__(self, template: nn.Module, names: Sequence[str]):
         super().__init__()
+        self.names = tuple(names)
+        self.stages = nn.ModuleDict({s: template.stages[s] for s in self.names})
         for name, child in template.named_children():
-            self.add_module(name, child)
+            if name != "stages":
+                self.add_module(name, child)
         for name, p in template.named_parameters(recurse=False):
             self.register_parameter(name, p)
         for name, b in template.named_buffers(recurse=False):
             self.register_buffer(name, b)
+        self.keys = frozenset(n for n, _ in itertools.chain(self.named_parameters(), self.named_buffers()))
 
-    def forward(self, h: torch.Tensor, stages: Sequence[str]) -> torch.Tensor:
-        for s in stages:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for s in self.names:
             h = self.stages[s](h)
         return h
+
+    def run(self, tensors: Sequence[dict[str, torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
+        """These stages on ``h`` with the tensors they read taken from ``tensors`` (every other one left out)."""
+        mine = tuple({k: t for k, t in d.items() if k in self.keys} for d in tensors)
+        return functional_call(self, mine, (h,))
 
 
 class MemberStack(nn.Module):
@@ -107,7 +118,10 @@ class MemberStack(nn.Module):
         owned = {_stage_of(n) for n in layout}
         first = 0 if data == "own" else min(stages.index(s) for s in owned)
         self.prefix_stages, self.member_stages = stages[:first], stages[first:]
-        object.__setattr__(self, "_template", _StageRunner(build_template(bb, layout)))  # not registered
+        template = build_template(bb, layout)
+        object.__setattr__(self, "_template", template)  # not registered: it holds no data
+        object.__setattr__(self, "_prefix_run", _StageRunner(template, self.prefix_stages))
+        object.__setattr__(self, "_member_run", _StageRunner(template, self.member_stages))
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in bb.modules())
 
         params = dict(bb.named_parameters())
@@ -166,12 +180,7 @@ class MemberStack(nn.Module):
     def set_member(self, i: int, slice_: dict[str, torch.Tensor], stats: dict[str, torch.Tensor] | None = None) -> None:
         """Write member ``i``'s slice (and statistics) in place."""
         self._check_member(i)
-        want = set(self.layout)
-        if set(slice_) != want:
-            raise ValueError(
-                f"slice does not match the spec: missing {sorted(want - set(slice_))[:4]}, "
-                f"unexpected {sorted(set(slice_) - want)[:4]}"
-            )
+        self._check_slice_names(slice_)
         for n, t in slice_.items():
             dst = self.slices[_esc(n)][i]
             if dst.shape != t.shape:
@@ -189,12 +198,9 @@ class MemberStack(nn.Module):
         """Members' slices and statistics by backbone name (as :meth:`slice_of`/:meth:`stats_of` give them)
         stacked on a leading member axis, as :meth:`forward_members` takes them. Statistics this stack
         shares over members are left out (its own are used). Shape: ``K x (...) -> (K, ...)``."""
-        want = set(self.layout)
         for s in slices:
-            if set(s) != want:
-                raise ValueError(f"slice does not match the spec: missing {sorted(want - set(s))[:4]}, "
-                                 f"unexpected {sorted(set(s) - want)[:4]}")
-        stacked = {_esc(n): torch.stack([s[n] for s in slices]) for n in self.layout}
+            self._check_slice_names(s)
+        stacked = {self.slice_key(n): torch.stack([s[n] for s in slices]) for n in self.layout}
         mine = self.member_stats.as_dict()
         return stacked, {n: torch.stack([st[n] for st in stats]) for n in mine}
 
@@ -217,6 +223,12 @@ class MemberStack(nn.Module):
         sub.members, sub.member_ids = len(ids), [self.member_ids[i] for i in ids]
         return sub
 
+    def _check_slice_names(self, slice_: dict[str, torch.Tensor]) -> None:
+        want = set(self.layout)
+        if set(slice_) != want:
+            raise ValueError(f"slice does not match the spec: missing {sorted(want - set(slice_))[:4]}, "
+                             f"unexpected {sorted(set(slice_) - want)[:4]}")
+
     def _check_member(self, i: int) -> None:
         if not (isinstance(i, int) and 0 <= i < self.members):
             raise IndexError(f"member index must be in [0, {self.members}), got {i!r}")
@@ -231,14 +243,13 @@ class MemberStack(nn.Module):
         Shape: ``h (N, ...) -> (N, classes)``.
         """
         learned = {self._learned_keys[n]: t for n, t in slices.items()}
-        return functional_call(self._template, (fixed, stats, learned), (h, self.member_stages))
+        return self._member_run.run((fixed, stats, learned), h)
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The stages no member owns, run once. Shape: ``(N, C, H, W) -> features``."""
         if not self.prefix_stages:
             return x
-        tensors = (self.fixed.as_dict(), self.shared_stats.as_dict())
-        return functional_call(self._template, tensors, (x, self.prefix_stages))
+        return self._prefix_run.run((self.fixed.as_dict(), self.shared_stats.as_dict()), x)
 
     def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None, per_member: bool | None = None,
                         slices: dict[str, torch.Tensor] | None = None,
