@@ -7,6 +7,7 @@ import tempfile
 import torch
 
 import shared_backbone as sb
+from shared_backbone.adapter_cards import add_task_from_card
 from shared_backbone.data import TensorData, load_arrays, load_task
 from shared_backbone.train import TrainConfig, fit, predict
 
@@ -23,7 +24,7 @@ for name, spec in tasks.items():
     card = load_task(name)
     train = TensorData.from_uint8(*load_arrays(card, "train"), card.mean, card.std, card.crop_padding, card.hflip)
     tests[name] = TensorData.from_uint8(*load_arrays(card, "test"), card.mean, card.std)
-    adapter = bank.add_task(name, spec, card)  # a one-member stack: train.fit trains it
+    adapter = add_task_from_card(bank, name, spec, card)  # a one-member stack: train.fit trains it
     fit(adapter, train.subset(min(4000, len(train))), None, TrainConfig(epochs=4, batch_size=64, precise_bn=20),
         progress=False)
 

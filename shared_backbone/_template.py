@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._member_conv import member_batch_norm, member_conv2d, split_conv2d
+from .layers import member_batch_norm, member_conv2d, split_conv2d
 from .slices import ParamSlice, SliceLayout
 
 __all__ = ["SplitConv2d", "MemberConv2d", "MemberBatchNorm2d", "build_template", "merge_param", "template_key"]

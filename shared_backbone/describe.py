@@ -4,14 +4,11 @@ from __future__ import annotations
 import math
 import warnings
 
-from torch import nn
-
+from ._norms import is_batch_norm
 from .frozen import FrozenBackbone
 from .slices import SliceSpec, resolve
 
 __all__ = ["describe", "format_table", "Description"]
-
-_BN = nn.modules.batchnorm._NormBase
 
 
 class Description(dict):
@@ -47,14 +44,14 @@ def describe(frozen: FrozenBackbone, spec: SliceSpec, *, members: int = 1, verbo
         rows.append({"stage": s, "params": total, "learnable": learn})
     stat_bytes = sum(
         b.numel() * b.element_size()
-        for mn, m in bb.named_modules() if isinstance(m, _BN) and f"{mn}.".startswith(member_stages)
+        for mn, m in bb.named_modules() if is_batch_norm(m) and f"{mn}.".startswith(member_stages)
         for b in m.buffers(recurse=False)
     )
     learnable = layout.numel(bb)
     itemsize = next(iter(params.values())).element_size()
     total = frozen.num_parameters()
     return Description({
-        "arch": frozen.recipe["arch"],
+        "arch": frozen.config["arch"],
         "spec": repr(spec),
         "total": total,
         "learnable": learnable,

@@ -1,23 +1,24 @@
 """K members over one frozen backbone, run in one vmapped call."""
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterable
+import itertools
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.utils.stateless import _reparametrize_module
 
+from ._norms import is_batch_norm
 from .frozen import FrozenBackbone, init_module
+from .metrics import ensemble_probs
+from .schema import LIMITS
 from .slices import SliceLayout, SliceSpec, resolve
-from ._member_conv import CONV_EXECUTIONS, conv_execution
-from ._split import build_template, merge_param, template_key
+from .layers import CONV_EXECUTIONS, conv_execution
+from ._template import build_template, merge_param, template_key
 
-__all__ = ["Ensemble", "MemberStack", "CONV_EXECUTIONS", "conv_execution"]
+__all__ = ["Ensemble", "MemberStack", "FrozenSource", "CONV_EXECUTIONS", "conv_execution"]
 
-_BN = nn.modules.batchnorm._NormBase
 _DATA_MODES = ("shared", "own")
 
 
@@ -48,6 +49,51 @@ def _stage_of(name: str) -> str:
     return parts[1]
 
 
+class FrozenSource(Protocol):
+    """What a stack reads of its frozen side: the backbone (tensors shared, never trained) and its fingerprint.
+
+    A :class:`FrozenBackbone`, or a view of one (an adapter's backbone with a head of its own size).
+    """
+
+    @property
+    def backbone(self) -> nn.Module: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class _StageRunner(nn.Module):
+    """Stages ``names`` of the member template (on ``meta``, no data), run in order.
+
+    It holds those stages and the template's root tensors and other root modules (the spatial weight
+    that every LC-Block slices) under the template's own names, so one public ``functional_call``
+    swaps in every tensor a run reads; :meth:`run` picks those out of the dicts it is given.
+    """
+
+    def __init__(self, template: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.names = tuple(names)
+        self.stages = nn.ModuleDict({s: template.stages[s] for s in self.names})
+        for name, child in template.named_children():
+            if name != "stages":
+                self.add_module(name, child)
+        for name, p in template.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in template.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.keys = frozenset(n for n, _ in itertools.chain(self.named_parameters(), self.named_buffers()))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for s in self.names:
+            h = self.stages[s](h)
+        return h
+
+    def run(self, tensors: Sequence[dict[str, torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
+        """These stages on ``h`` with the tensors they read taken from ``tensors`` (every other one left out)."""
+        mine = tuple({k: t for k, t in d.items() if k in self.keys} for d in tensors)
+        return functional_call(self, mine, (h,))
+
+
 class MemberStack(nn.Module):
     """The machinery shared by ensembles and adapter banks: K slices of one layout, vmapped.
 
@@ -57,7 +103,7 @@ class MemberStack(nn.Module):
     ``functional_call`` runs is kept on the meta device and is not registered.
     """
 
-    def __init__(self, frozen: FrozenBackbone, layout: SliceLayout, members: int, *, data: str = "shared",
+    def __init__(self, frozen: FrozenSource, layout: SliceLayout, members: int, *, data: str = "shared",
                  vectorized: bool = True):
         super().__init__()
         self.vectorized = vectorized  # default execution: one vmapped call (True) or a loop over members
@@ -74,13 +120,16 @@ class MemberStack(nn.Module):
         owned = {_stage_of(n) for n in layout}
         first = 0 if data == "own" else min(stages.index(s) for s in owned)
         self.prefix_stages, self.member_stages = stages[:first], stages[first:]
-        object.__setattr__(self, "_template", build_template(bb, layout))
+        template = build_template(bb, layout)
+        object.__setattr__(self, "_template", template)  # not registered: it holds no data
+        object.__setattr__(self, "_prefix_run", _StageRunner(template, self.prefix_stages))
+        object.__setattr__(self, "_member_run", _StageRunner(template, self.member_stages))
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in bb.modules())
 
         params = dict(bb.named_parameters())
         bn_buffers = {
             f"{mn}.{bn}": b
-            for mn, m in bb.named_modules() if isinstance(m, _BN)
+            for mn, m in bb.named_modules() if is_batch_norm(m)
             for bn, b in m.named_buffers(recurse=False)
         }
         member_region = tuple(f"stages.{s}." for s in self.member_stages)
@@ -96,21 +145,26 @@ class MemberStack(nn.Module):
                 fixed[template_key(name, sl, "fixed")] = t.detach().narrow(sl.dim, sl.n, t.shape[sl.dim] - sl.n)
         self.fixed = _Tensors(fixed, persistent=False)
         self.shared_stats = _Tensors(shared_stats, persistent=True)
-        _check_stack_size(members, [_rows(params[n], sl) for n, sl in layout.items()], list(member_stats.values()))
+        _check_stack_size(members, [_learned_part(params[n], sl) for n, sl in layout.items()], list(member_stats.values()))
         self.member_stats = _Tensors(
             {n: t.unsqueeze(0).repeat(members, *[1] * t.dim()) for n, t in member_stats.items()}, persistent=True
         )
         self.slices = nn.ParameterDict(
-            {_esc(n): nn.Parameter(_rows(params[n], sl).unsqueeze(0).repeat(members, *[1] * params[n].dim()).clone())
+            {_esc(n): nn.Parameter(_learned_part(params[n], sl).unsqueeze(0).repeat(members, *[1] * params[n].dim()).clone())
              for n, sl in layout.items()}
         )
-        self._keys = {n: template_key(n, sl, "learned") for n, sl in layout.items()}
+        self._learned_keys = {_esc(n): template_key(n, sl, "learned") for n, sl in layout.items()}
 
     # -- state --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MemberStack":
         super().train(mode)
         self._template.train(mode)
         return self
+
+    @staticmethod
+    def slice_key(name: str) -> str:
+        """The key of backbone parameter ``name`` in :attr:`slices` (``ParameterDict`` keys hold no dots)."""
+        return _esc(name)
 
     def slice_of(self, i: int) -> dict[str, torch.Tensor]:
         """Member ``i``'s learned tensors by backbone parameter name."""
@@ -128,12 +182,7 @@ class MemberStack(nn.Module):
     def set_member(self, i: int, slice_: dict[str, torch.Tensor], stats: dict[str, torch.Tensor] | None = None) -> None:
         """Write member ``i``'s slice (and statistics) in place."""
         self._check_member(i)
-        want = set(self.layout)
-        if set(slice_) != want:
-            raise ValueError(
-                f"slice does not match the spec: missing {sorted(want - set(slice_))[:4]}, "
-                f"unexpected {sorted(set(slice_) - want)[:4]}"
-            )
+        self._check_slice_names(slice_)
         for n, t in slice_.items():
             dst = self.slices[_esc(n)][i]
             if dst.shape != t.shape:
@@ -145,6 +194,17 @@ class MemberStack(nn.Module):
                 mine[n][i].copy_(t)
             elif n in shared:
                 shared[n].copy_(t)
+
+    def stack_members(self, slices: Sequence[dict[str, torch.Tensor]], stats: Sequence[dict[str, torch.Tensor]]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Members' slices and statistics by backbone name (as :meth:`slice_of`/:meth:`stats_of` give them)
+        stacked on a leading member axis, as :meth:`forward_members` takes them. Statistics this stack
+        shares over members are left out (its own are used). Shape: ``K x (...) -> (K, ...)``."""
+        for s in slices:
+            self._check_slice_names(s)
+        stacked = {self.slice_key(n): torch.stack([s[n] for s in slices]) for n in self.layout}
+        mine = self.member_stats.as_dict()
+        return stacked, {n: torch.stack([st[n] for st in stats]) for n in mine}
 
     def select(self, ids: list[int]) -> "MemberStack":
         """A stack of members ``ids`` only, sharing this one's frozen tensors (member-parallel training).
@@ -165,62 +225,58 @@ class MemberStack(nn.Module):
         sub.members, sub.member_ids = len(ids), [self.member_ids[i] for i in ids]
         return sub
 
+    def _check_slice_names(self, slice_: dict[str, torch.Tensor]) -> None:
+        want = set(self.layout)
+        if set(slice_) != want:
+            raise ValueError(f"slice does not match the spec: missing {sorted(want - set(slice_))[:4]}, "
+                             f"unexpected {sorted(set(slice_) - want)[:4]}")
+
     def _check_member(self, i: int) -> None:
         if not (isinstance(i, int) and 0 <= i < self.members):
             raise IndexError(f"member index must be in [0, {self.members}), got {i!r}")
 
     # -- forward ------------------------------------------------------------------------------
-    def _run(self, stages: Iterable[str], tensors: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        # tensors outside the stages (a spatial weight that every LC-Block slices) sit on the root
-        outer = {k: v for k, v in tensors.items() if not k.startswith("stages.")}
-        with _reparametrize_module(self._template, outer) if outer else contextlib.nullcontext():
-            for s in stages:
-                p = f"stages.{s}."
-                sub = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
-                h = functional_call(self._template.stages[s], sub, (h,))
-        return h
+    def member_forward(self, fixed: dict[str, torch.Tensor], slices: dict[str, torch.Tensor],
+                       stats: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """One member, unbatched: its stages with every tensor they read passed in.
 
-    def _member_forward(self, slices: dict, stats: dict, h: torch.Tensor) -> torch.Tensor:
-        """One member, unbatched: its slice and statistics over the fixed tensors."""
-        tensors = dict(self._fixed_cache)
-        tensors.update(stats)
-        tensors.update({self._keys[_unesc(n)]: t for n, t in slices.items()})
-        return self._run(self.member_stages, tensors, h)
+        ``fixed``: the frozen tensors (:attr:`fixed`); ``slices``: the member's learned tensors, keyed as
+        :attr:`slices`; ``stats``: its BatchNorm statistics (updated in place in train mode).
+        Shape: ``h (N, ...) -> (N, classes)``.
+        """
+        learned = {self._learned_keys[n]: t for n, t in slices.items()}
+        return self._member_run.run((fixed, stats, learned), h)
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The stages no member owns, run once. Shape: ``(N, C, H, W) -> features``."""
-        tensors = {**self.fixed.as_dict(), **self.shared_stats.as_dict()}
-        return self._run(self.prefix_stages, tensors, x)
+        if not self.prefix_stages:
+            return x
+        return self._prefix_run.run((self.fixed.as_dict(), self.shared_stats.as_dict()), x)
 
-    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None,
-                        per_member: bool | None = None) -> torch.Tensor:
+    def forward_members(self, h: torch.Tensor, *, vectorized: bool | None = None, per_member: bool | None = None,
+                        slices: dict[str, torch.Tensor] | None = None,
+                        stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Members' stages on features ``h``: shared ``(N, ...)`` or, with ``per_member``, ``(K, N, ...)``.
 
+        The one place members are batched: :meth:`member_forward` under ``vmap`` over the leading
+        member axis of ``slices`` and ``stats`` (default: this stack's own; the adapter bank passes a
+        mixed batch's tasks), or in a loop over it (``vectorized=False``; the same function).
         Shape: -> ``(K, N, C)``.
         """
-        vectorized = self.vectorized if vectorized is None else vectorized
+        slices = dict(self.slices.items()) if slices is None else slices
+        stats = self.member_stats.as_dict() if stats is None else stats
+        k = len(next(iter(slices.values())))
         # K=1 gains nothing from vmap, and torch 2.14's CPU conv backward under a size-1 vmap can
         # corrupt the heap (tests/test_ensemble.py::test_single_member_backward_does_not_crash)
-        vectorized = vectorized and self.members > 1
-        self._fixed_cache = self.fixed.as_dict()
-        slices = dict(self.slices.items())
-        stats = self.member_stats.as_dict()
-        if per_member is None:
-            per_member = self.data == "own"
-        h_dim = 0 if per_member else None
-        try:
-            if vectorized:
-                fn = vmap(self._member_forward, in_dims=(0, 0, h_dim), chunk_size=_vmap_chunk(self.members, h),
-                          randomness="different" if self._has_dropout else "error")
-                return fn(slices, stats, h)
-            outs = []
-            for i in range(self.members):
-                hi = h[i] if h_dim == 0 else h
-                outs.append(self._member_forward({n: p[i] for n, p in slices.items()},
-                                                 {n: b[i] for n, b in stats.items()}, hi))
-            return torch.stack(outs)
-        finally:
-            self._fixed_cache = {}
+        vectorized = (self.vectorized if vectorized is None else vectorized) and k > 1
+        per_member = self.data == "own" if per_member is None else per_member
+        fixed = self.fixed.as_dict()
+        if vectorized:
+            fn = vmap(self.member_forward, in_dims=(None, 0, 0, 0 if per_member else None),
+                      chunk_size=_vmap_chunk(k, h), randomness="different" if self._has_dropout else "error")
+            return fn(fixed, slices, stats, h)
+        return torch.stack([self.member_forward(fixed, _member(slices, i), _member(stats, i), h[i] if per_member else h)
+                            for i in range(k)])
 
     def check_input(self, x: torch.Tensor) -> None:
         """Shared input ``(N, C, H, W)``; with ``data="own"`` also one batch per member ``(K, N, C, H, W)``."""
@@ -244,8 +300,6 @@ class MemberStack(nn.Module):
 
 def _check_stack_size(members: int, slices: list[torch.Tensor], stats: list[torch.Tensor]) -> None:
     """Refuse K members whose slices and statistics would pass ``LIMITS`` before allocating them."""
-    from .schema import LIMITS
-
     per_member = sum(t.numel() for t in slices) + sum(t.numel() for t in stats)
     if members > LIMITS.max_members or members * per_member > LIMITS.max_parameters:
         raise ValueError(f"members={members:,} x {per_member:,} learned values and statistics each is past the "
@@ -269,7 +323,11 @@ def _vmap_chunk(k: int, h: torch.Tensor) -> int | None:
     return chunk
 
 
-def _rows(t: torch.Tensor, sl) -> torch.Tensor:
+def _member(stacked: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {n: t[i] for n, t in stacked.items()}
+
+
+def _learned_part(t: torch.Tensor, sl) -> torch.Tensor:
     return t.detach() if sl.whole else t.detach().narrow(sl.dim, 0, sl.n)
 
 
@@ -310,7 +368,7 @@ class Ensemble(MemberStack):
             fresh = init_module(copy.deepcopy(frozen.backbone), scheme, seed=1_000_003 * (seed + 1) + i)
             params = dict(fresh.named_parameters())
             for n, sl in self.layout.items():
-                self.slices[_esc(n)][i].copy_(_rows(params[n], sl))
+                self.slices[_esc(n)][i].copy_(_learned_part(params[n], sl))
 
     def member(self, i: int) -> nn.Module:
         """A plain ``nn.Module`` (the backbone's own class) with member ``i``'s merged weights."""
@@ -330,8 +388,6 @@ class Ensemble(MemberStack):
 
     def combine(self, logits: torch.Tensor, how: str = "mean") -> torch.Tensor:
         """Ensemble prediction from member logits. Shape: ``(K, N, C) -> (N, C)`` probabilities."""
-        from .metrics import ensemble_probs
-
         return ensemble_probs(logits, combine=how)
 
     def extra_repr(self) -> str:

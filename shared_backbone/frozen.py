@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from ._norms import is_batch_norm
 from ._version import __version__
 from .backbones import Backbone, build_backbone
 from .io import load_tensors
@@ -38,7 +39,7 @@ def _scheme(weight_fn: Callable[[torch.Tensor], None]) -> Callable[[nn.Module], 
             weight_fn(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._NormBase) or getattr(m, "keeps_own_init", False):
+        elif is_batch_norm(m) or getattr(m, "keeps_own_init", False):
             m.reset_parameters()  # BN, and tensors with an init of their own (the LC paper's shared W_s)
 
     return init

@@ -9,14 +9,14 @@ import math
 import torch
 from torch import nn
 
+from ._norms import BATCH_NORMS
+
 from .layers.lc_conv import SharedSpatial, lc_layers
 
 __all__ = ["freeze_spatial", "followed_by_pointwise", "export_fused"]
 
 # norms and convs found by their public classes (the Lazy norms subclass no eager one; the Lazy convs do)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-          nn.InstanceNorm3d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, nn.LazyInstanceNorm1d,
-          nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d)
+_NORMS = BATCH_NORMS
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PASS_THROUGH = (*_NORMS, nn.Identity, nn.Dropout, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
 _LINEAR_PASS = (*_NORMS, nn.Identity, nn.Dropout)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._norms import BATCH_NORMS_ONLY
 from .backbones import build_backbone
 from .data import TensorData
 from .describe import describe
@@ -140,7 +141,7 @@ def _train_steps(model: nn.Module, train: TensorData, cfg: TrainConfig, steps: i
 def _precise_bn(model: nn.Module, train: TensorData, batches: int, batch_size: int, seed: int) -> None:
     """fit()'s precise BN for a plain module: running statistics as equal-weight averages over
     ``batches`` unaugmented training batches (momentum None = cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS_ONLY)]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._norms import is_batch_norm
+
 __all__ = [
     "SliceSpec", "Filters", "BatchNorm", "Blocks", "Pointwise", "Head", "Full",
     "ParamSlice", "SliceLayout", "resolve", "parse_spec", "SLICE_KINDS",
 ]
 
-_BN = nn.modules.batchnorm._NormBase
 _STAGE_ALIASES = {"conv1": "stem", "fc": "head"}
 
 
@@ -232,7 +233,7 @@ class BatchNorm(SliceSpec):
         return {
             f"{mname}.{pname}": ParamSlice()
             for mname, m in backbone.named_modules()
-            if isinstance(m, _BN) and inside(mname)
+            if is_batch_norm(m) and inside(mname)
             for pname, _ in m.named_parameters(recurse=False)
         }
 

@@ -24,6 +24,7 @@ from . import regularizers as _regularizers
 from ._checkpoint import (CHECKPOINT_STATE, RESUMABLE_CHANGES, ResumeMismatch, _full_state, _identity,
                           _load_checkpoint, _save_checkpoint)
 from .data import TensorData
+from ._norms import BATCH_NORMS_ONLY
 from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
 from .ensemble import MemberStack
 from .io import write_json
@@ -157,7 +158,7 @@ def recalibrate_bn(model: MemberStack, data: TensorData, num_batches: int, batch
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    bns = [m for m in model._template.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model._template.modules() if isinstance(m, BATCH_NORMS_ONLY)]
     if not bns:
         return 0
     momenta = [m.momentum for m in bns]

@@ -13,6 +13,7 @@ import torch
 
 import shared_backbone as sb
 from shared_backbone import io as sbio
+from shared_backbone.adapter_cards import add_task_from_card, card_of
 from shared_backbone.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterBank
 from shared_backbone.ensemble import MemberStack
 from shared_backbone.frozen import FingerprintMismatch
@@ -107,16 +108,36 @@ def test_bad_task_names_and_cards(bank):
     for bad in ("", "a.b", "a/b"):
         with pytest.raises(ValueError, match="task name"):
             bank.add_task(bad, sb.Head(), num_classes=2)
-    with pytest.raises(ValueError, match="give a task card or num_classes"):
+    with pytest.raises(ValueError, match="give num_classes"):
         bank.add_task("x", sb.Head())
+    with pytest.raises(TypeError, match="add_task_from_card"):  # add_task takes sizes, not a card
+        bank.add_task("x", sb.Head(), "digits")
+    with pytest.raises(ValueError, match="task 'x' has 3-channel inputs, but the backbone takes 1 channels"):
+        bank.add_task("x", sb.Head(), 10, in_channels=3)
+    with pytest.raises(ValueError, match="class_names names 2 classes, but num_classes=3"):
+        bank.add_task("x", sb.Head(), 3, class_names=["a", "b"])
+    assert "x" not in bank
+
+
+def test_model_code_does_not_import_data_code():
+    """Adapters take sizes; task cards are resolved above them (shared_backbone.adapter_cards)."""
+    script = "import sys, shared_backbone.adapters; print(sorted(m for m in sys.modules if m.startswith('shared_backbone.data')))"
+    out = subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_add_task_from_card_reads_the_cards_sizes(bank):
     with pytest.raises(ValueError, match="3-channel inputs"):
-        bank.add_task("x", sb.Head(), "cifar10")
+        add_task_from_card(bank, "x", sb.Head(), "cifar10")
     with pytest.raises(ValueError, match="num_classes=4 but task card 'digits' has 10"):
-        bank.add_task("x", sb.Head(), "digits", num_classes=4)
+        add_task_from_card(bank, "x", sb.Head(), "digits", num_classes=4)
     with pytest.raises(ValueError, match="unknown task card 'nope'"):
-        bank.add_task("x", sb.Head(), "nope")
-    card = bank.add_task("train", sb.Head(), "fashion_coarse").card  # a name that is also a Module method
-    assert card.num_classes == 4 and bank.adapter("train").num_classes == 4
+        add_task_from_card(bank, "x", sb.Head(), "nope")
+    known = sb.data.load_task("fashion_coarse")
+    a = add_task_from_card(bank, "train", sb.Head(), "fashion_coarse")  # a name that is also a Module method
+    assert a.num_classes == 4 and bank.adapter("train").num_classes == 4
+    assert a.class_names == known.class_names and card_of(a) == known
+    assert card_of(bank.adapter("head")) is None
 
 
 # ----------------------------------------------------------------------------- mixed batches
@@ -137,13 +158,13 @@ def test_mixed_batch_equals_each_task_alone(bank, x12):
 
 def test_mixed_batch_is_one_vmapped_call(bank, x12, monkeypatch):
     calls = []
-    original = MemberStack._member_forward
+    original = MemberStack.member_forward
 
-    def counting(self, slices, stats, h):
+    def counting(self, fixed, slices, stats, h):
         calls.append(h.shape)
-        return original(self, slices, stats, h)
+        return original(self, fixed, slices, stats, h)
 
-    monkeypatch.setattr(MemberStack, "_member_forward", counting)
+    monkeypatch.setattr(MemberStack, "member_forward", counting)
     bank(x12, tasks=MIX)
     assert len(calls) == 1  # traced once by vmap, not once per task
     calls.clear()
@@ -159,6 +180,18 @@ def test_mixed_batch_follows_training(bank, x12):
     changed = torch.tensor([t == "head" for t in MIX])
     assert not torch.allclose(after[changed], before[changed])
     torch.testing.assert_close(after[~changed], before[~changed], rtol=0, atol=0)
+
+
+def test_mixed_batch_follows_a_task_replaced_under_the_same_name(bank, x12):
+    bank(x12, tasks=MIX)  # the mixed structure is kept for these three tasks
+    bank.delete_task("head")
+    bank.add_task("head", sb.Blocks("block3") + sb.Head(), num_classes=12, seed=9).eval()
+    mixed = bank(x12, tasks=MIX)
+    assert mixed.shape == (12, 12)
+    for name in TASKS:
+        idx = [i for i, t in enumerate(MIX) if t == name]
+        alone = bank(x12[idx], task=name)
+        torch.testing.assert_close(mixed[idx, :alone.shape[1]], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_batch_bad_input(bank, x12):
@@ -215,7 +248,7 @@ def test_round_trip_is_bit_identical_and_trainable_flag(bank, x12, tmp_path):
     a = other.load_adapter(tmp_path / "block2")
     assert other.task_names == ["block2"] and not any(p.requires_grad for p in a.parameters())
     b = other.load_adapter(tmp_path / "head", name="head2", trainable=True)
-    assert all(p.requires_grad for p in b.parameters()) and b.card is None
+    assert all(p.requires_grad for p in b.parameters()) and b.task_card is None and card_of(b) is None
     other.eval()
     assert torch.equal(other(x12, task="block2"), bank(x12, task="block2"))
     assert torch.equal(other(x12, task="head2"), bank(x12, task="head"))

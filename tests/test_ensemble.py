@@ -318,6 +318,26 @@ def test_set_member_writes_one_member(random_frozen):
         ens.set_member(0, {f"{lin}.weight": torch.zeros(5, 4), f"{lin}.bias": torch.zeros(5)})
 
 
+def test_member_forward_reads_only_its_arguments(frozen):
+    """The per-member function, called on its own (no forward_members around it) with member i's tensors
+    passed in, is member i's plain module; another stack's tensors run through it as well; a forward
+    leaves no state behind on the stack."""
+    ens = Ensemble(frozen, Blocks("block2", "block3") + Head(), members=K, seed=1).eval()
+    other = Ensemble(frozen, Blocks("block2", "block3") + Head(), members=K, seed=2).eval()
+    x, _ = inputs("shared")
+    attrs = set(vars(ens))
+    with torch.no_grad():
+        h = ens.prefix(x)  # stem and block1 run once: no member owns them
+        for stack in (ens, other):
+            for i in range(K):
+                one = ens.member_forward(ens.fixed.as_dict(), {n: p[i] for n, p in stack.slices.items()},
+                                         {n: b[i] for n, b in stack.member_stats.as_dict().items()}, h)
+                torch.testing.assert_close(one, stack.member(i)(x), atol=1e-5, rtol=1e-5)
+        mixed = ens.forward_members(h, slices=dict(other.slices.items()), stats=other.member_stats.as_dict())
+        torch.testing.assert_close(mixed, other(x), atol=0, rtol=0)
+    assert set(vars(ens)) == attrs
+
+
 # ---------------------------------------------------------------- combine
 
 

@@ -327,7 +327,7 @@ def test_mixed_adapter_batch_runs_the_shared_prefix_once_only_when_statistics_ag
             for i, t in enumerate(tasks):
                 alone = bank(x[i:i + 1], task=t)[0]
                 torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
-        stack = bank._mixed[1]
+        stack = bank._mixed.stack(list(bank.adapters.values()), x.device)  # the stack the batch ran on
         assert bool(stack.prefix_stages) == expect_prefix and (stack.data == "shared") == expect_prefix
 
     check(expect_prefix=True)

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import shared_backbone as sb
 from shared_backbone import schema
-from shared_backbone.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterBank, _untrusted_card
+from shared_backbone.adapter_cards import untrusted_card as _untrusted_card
+from shared_backbone.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterBank
 from shared_backbone.io import load_tensors, save_tensors
 from shared_backbone.lc import load_sparse, save_sparse
 from shared_backbone.saving import load_backbone, load_ensemble, save_ensemble

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_cards import card_of
 from ..adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
 from ..data import TensorData
 from ..io import read_config, write_json
@@ -60,14 +61,15 @@ def main(argv=None) -> list[dict]:
     for d in _adapter_dirs(args.dirs):
         bank = AdapterBank.load(d)
         adapter = bank.adapter()
-        if adapter.card is None:
+        card = card_of(adapter)
+        if card is None:
             raise SystemExit(f"{safe_text(str(d), 200)} was saved without a task card; cannot find its test data")
-        test = TensorData.from_card(adapter.card, "test")
+        test = TensorData.from_card(card, "test")
         if args.test_subset and args.test_subset < len(test):
             test = test.subset(args.test_subset, seed=1)
         logits = predict(adapter, test, progress=not args.no_progress)[0]  # (N, C)
         full = sum(t.numel() * t.element_size() for t in bank.frozen.tensors().values())
-        rows.append({"dir": str(d), "task": adapter.name, "card": adapter.card.name, "spec": repr(adapter.spec),
+        rows.append({"dir": str(d), "task": adapter.name, "card": card.name, "spec": repr(adapter.spec),
                      "learned": adapter.num_learned(), "adapter_bytes": adapter_bytes(d), "full_model_bytes": full,
                      "accuracy": (logits.argmax(-1) == test.y).float().mean().item(), "test_size": len(test),
                      "fingerprint": bank.frozen.fingerprint})

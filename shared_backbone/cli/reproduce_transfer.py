@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_cards import add_task_from_card
 from ..adapters import ADAPTER_WEIGHTS, AdapterBank, adapter_bytes
 from ..backbones import build_backbone
 from ..frozen import FrozenBackbone
@@ -77,7 +78,7 @@ def main(argv=None) -> list[dict]:
             train, test = data[task]
             for label, spec in SLICES:
                 name = _task_name(task, label)
-                adapter = bank.add_task(name, spec, task, seed=args.seed)
+                adapter = add_task_from_card(bank, name, spec, task, seed=args.seed)
                 rec = fit(adapter, train, test, config, progress=progress)
                 rows.append({"backbone": bb_name, "task": task, "slice": label, "spec": repr(adapter.spec),
                              "learned": adapter.num_learned(), "accuracy": rec["test"]["accuracy"],

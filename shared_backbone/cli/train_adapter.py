@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import InitProcessGroupKwargs
 
+from ..adapter_cards import add_task_from_card
 from ..adapters import ADAPTER_CONFIG, BANK_CONFIG, AdapterBank, adapter_bytes
 from ..backbones import build_backbone
 from ..data import load_task
@@ -158,7 +159,7 @@ def _train_one(task: str, out: Path, frozen, args, config: TrainConfig, accelera
     train, test, card = load_train_test(task, args.train_subset or None, args.test_subset or None, args.seed)
     bank = AdapterBank(frozen)
     name = args.name or card.name
-    adapter = bank.add_task(name, parse_spec(args.slice), card, seed=args.seed)
+    adapter = add_task_from_card(bank, name, parse_spec(args.slice), card, seed=args.seed)
     record = fit(adapter, train, test, config, accelerator=accelerator, parallel=parallel,
                  progress=not args.no_progress)
     if not writes:  # data-parallel: rank 0 writes
