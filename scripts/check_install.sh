@@ -63,7 +63,7 @@ print(f"  {len(want)} cards load from {shared_backbone.__file__.rsplit('/', 1)[0
 EOF
 
 step "one-batch train-ensemble on digits"
-quiet "$V/shared-backbone" train-ensemble --task digits --members 2 --epochs 1 --max-steps-per-epoch 1 \
+quiet "$V/shared-backbone" train-ensemble --task digits --members 2 --budget-epochs 2 --warm-start-epochs 1 --max-steps-per-epoch 1 \
     --train-subset 32 --test-subset 32 --batch-size 16 --width 4 --precise-bn 0 --ood none --threads 1 \
     --no-progress --out run
 "$V/python" -c "import json; r = json.load(open('run/results.json')); assert r['task'] == 'digits' and r['members'] == 2, r"

@@ -131,7 +131,8 @@ def test_every_small_backbone_trains_one_batch_with_the_main_job(name, tmp_path)
     argv, want = _tiny_argv(name)
     out = tmp_path / "run"
     report = train_ensemble.main(argv + [
-        "--task", "digits", "--members", "1", "--slice", "Head()", "--epochs", "1", "--max-steps-per-epoch", "1",
+        "--task", "digits", "--members", "1", "--warm-start-epochs", "0", "--budget-epochs", "0",
+        "--slice", "Head()", "--epochs", "1", "--max-steps-per-epoch", "1",
         "--train-subset", "16", "--test-subset", "16", "--batch-size", "16", "--precise-bn", "0", "--ood", "none",
         "--execution", "loop", "--threads", "1", "--no-progress", "--baseline", "none", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
@@ -142,6 +143,7 @@ def test_every_small_backbone_trains_one_batch_with_the_main_job(name, tmp_path)
 
 def test_resume_on_another_runs_checkpoint_is_a_usage_error_naming_the_difference(tmp_path, capsys):
     argv = ["--task", "digits", "--members", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--width", "4",
+            "--warm-start-epochs", "0", "--budget-epochs", "0",
             "--train-subset", "32", "--test-subset", "16", "--batch-size", "16", "--precise-bn", "0", "--ood", "none",
             "--execution", "loop", "--threads", "1", "--no-progress", "--baseline", "none", "--out", str(tmp_path)]
     train_ensemble.main(argv)
@@ -248,12 +250,14 @@ def test_bench_runs_the_checkouts_benchmark(capsys):
 
 
 def test_every_script_wraps_its_job():
+    developer = ("bench", "gpu_check", "screen_recipes", "screen_full")  # developer scripts, not jobs
     wrappers = sorted(p.stem for p in (REPO / "scripts").glob("*.py") if not p.name.startswith("_")
-                      and p.stem not in ("bench", "gpu_check", "screen_recipes"))  # developer scripts, not jobs
+                      and p.stem not in developer)
     assert wrappers == sorted(m for m, _ in JOBS.values())
 
 
-LAUNCH_ARGS = ["--task", "digits", "--members", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--train-subset",
+LAUNCH_ARGS = ["--task", "digits", "--members", "2", "--warm-start-epochs", "0", "--budget-epochs", "0",
+               "--epochs", "1", "--max-steps-per-epoch", "2", "--train-subset",
                "64", "--test-subset", "32", "--batch-size", "16", "--width", "4", "--precise-bn", "0", "--ood", "none",
                "--execution", "loop", "--threads", "1", "--no-progress"]
 
@@ -318,3 +322,31 @@ def test_progress_bars_stay_off_when_the_output_is_not_a_terminal(tiny_frozen, c
     predict(ens, data, progress=True)
     captured = capsys.readouterr()
     assert "epoch 1/1" not in captured.err + captured.out and "eval" not in captured.err + captured.out
+
+
+# ----------------------------------------------------------------------------- the main job's recipe
+def test_the_main_job_defaults_to_the_measured_recipe():
+    """The default recipe: 3 epochs of budget, 2.7 of them the single model's run, 3 members of 12.5 % of the
+    last block's filters + its BN + head, full data, members without label smoothing; every part a flag."""
+    args = train_ensemble.parser().parse_args([])
+    assert (args.members, args.budget_epochs, args.warm_start_epochs, args.schedule) == (3, 3.0, 2.7, "auto")
+    assert (args.train_subset, args.test_subset, args.slice, args.member_opt) == (0, 0, None, None)
+    assert train_ensemble.default_slice("resnet20", {}) == \
+        "Filters(0.125, stages=['block3']) + BatchNorm(stages=['block3']) + Head()"
+    assert train_ensemble.default_slice("vgg19_bn", {}).startswith("Filters(0.125, stages=['block5'])")
+    ap = train_ensemble.parser()
+    base = TrainConfig(label_smoothing=0.1, lr=0.05)
+    members = train_ensemble.member_config(ap, base, ["label_smoothing=0", "lr=0.02", "augment=false"])
+    assert (members.label_smoothing, members.lr, members.augment) == (0.0, 0.02, False)
+    assert base.label_smoothing == 0.1  # the baseline's recipe is untouched
+
+
+@pytest.mark.parametrize("item, message", [
+    ("label_smoothing", "--member-opt takes KEY=VALUE"), ("colour=red", "--member-opt takes KEY=VALUE"),
+    ("lr=fast", "--member-opt lr='fast': expected float"), ("lr=-1", "bad --member-opt: lr must be > 0"),
+])
+def test_a_bad_member_option_is_a_usage_error_naming_it(item, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_ensemble.member_config(train_ensemble.parser(), TrainConfig(), [item])
+    assert info.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())

@@ -37,7 +37,8 @@ def _keep_threads():
     torch.set_num_threads(n)
 
 
-TINY = ["--members", "2", "--epochs", "1", "--train-subset", "64", "--test-subset", "64", "--width", "4",
+TINY = ["--members", "2", "--epochs", "1", "--warm-start-epochs", "0", "--budget-epochs", "0",
+        "--train-subset", "64", "--test-subset", "64", "--width", "4",
         "--batch-size", "32", "--ood", "none", "--no-progress", "--threads", "1"]
 
 

@@ -1,6 +1,14 @@
-"""Train a cheap ensemble on one frozen backbone and report accuracy, calibration and OOD detection.
+"""Train a cheap ensemble on one frozen backbone and, in the same run, one full model at the same cost.
 
-    shared-backbone train-ensemble --members 8 --slice "Filters(0.1)+BatchNorm()+Head()" --epochs 3
+By default (the recipe measured to do best at this budget, see docs/RESULTS.md): the budget of 3 epochs
+of one full model; a single model's run covers the first 2.7 epochs of its cosine schedule and is frozen
+there; K=3 members each own 12.5 % of the last stage's filters, its BatchNorm and the head, copied from it,
+and finish the schedule on their own data orders without label smoothing. The single model trained for
+the whole budget is the baseline, printed beside it.
+
+    shared-backbone train-ensemble
+    shared-backbone train-ensemble --members 8 --slice "Filters(0.1)+BatchNorm()+Head()" --warm-start-epochs 0 \
+        --budget-epochs 0 --epochs 3 --member-opt label_smoothing=0.1
     shared-backbone train-ensemble --backbone vgg19_bn --width 16 --backbone-opt kernel_size=3
 
 Runs unchanged on many processes (GPUs, or CPU processes joined in one gloo group):
@@ -11,38 +19,84 @@ Runs unchanged on many processes (GPUs, or CPU processes joined in one gloo grou
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..backbones import build_backbone
 from ..distributed import make_accelerator
 from ..io import write_json
 from ..plots import plot_ensemble_report
 from ..recipes import format_report, train_ensemble
 from ..saving import save_ensemble
 from ..slices import parse_spec
-from ..train import ResumeMismatch
+from ..train import ResumeMismatch, TrainConfig
 from ._args import add_backbone, add_runtime, add_train_config, parse_job
 
 # where this job's defaults differ from TrainConfig's (a longer run, precise BN)
 TRAIN_DEFAULTS = {"epochs": 3, "precise_bn": 20}
+# where the members' recipe differs from the warm start's and the baseline's: ensembles of models trained
+# with label smoothing are under-confident (averaging softens them further), so members train without it
+MEMBER_DEFAULTS = ("label_smoothing=0",)
+
+
+def default_slice(backbone: str, backbone_cfg: dict) -> str:
+    """12.5 % of the last block's filters, its BatchNorm and the head: the stages before it run once."""
+    with torch.device("meta"):
+        stages = build_backbone(backbone, **{"in_channels": 1, "num_classes": 2, **backbone_cfg}).stage_names
+    last = stages[-2]
+    return f"Filters(0.125, stages=['{last}']) + BatchNorm(stages=['{last}']) + Head()"
+
+
+def member_config(ap: argparse.ArgumentParser, config: TrainConfig, items) -> TrainConfig:
+    """``config`` with the ``--member-opt KEY=VALUE`` overrides; a bad one is a usage error naming it."""
+    values = asdict(config)
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in values:
+            ap.error(f"--member-opt takes KEY=VALUE with KEY a training field ({', '.join(values)}), got {item!r}")
+        kind = type(values[key]) if values[key] is not None else int
+        try:
+            values[key] = (text.strip().lower() in ("1", "true", "yes", "on")) if kind is bool else kind(text)
+        except ValueError:
+            ap.error(f"--member-opt {key}={text!r}: expected {kind.__name__}")
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        ap.error(f"bad --member-opt: {err}")
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone train-ensemble", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--members", type=int, default=8, help="K, ensemble members")
-    ap.add_argument("--slice", default="Filters(0.1)+BatchNorm()+Head()", help="what each member learns")
+    ap.add_argument("--members", type=int, default=3, help="K, ensemble members")
+    ap.add_argument("--slice", default=None,
+                    help="what each member learns (default: 12.5%% of the last block's filters, its BatchNorm and the "
+                         "head: \"Filters(0.125, stages=['block3']) + BatchNorm(stages=['block3']) + Head()\" on "
+                         "resnet20)")
+    ap.add_argument("--budget-epochs", type=float, default=3.0,
+                    help="the whole ensemble's cost, warm start included, in epochs of one full model; the members "
+                         "get what the warm start leaves (0 = no budget: members train --epochs)")
+    ap.add_argument("--schedule", choices=["auto", "shared", "restart"], default="auto",
+                    help="shared: the warm start and the members are two pieces of one cosine schedule (the warm "
+                         "start cut from the single model's run); restart: a cosine each; auto: shared after a "
+                         "warm start")
+    ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
+                    help="a training field that differs for the members (repeatable; default: "
+                         f"{' '.join(MEMBER_DEFAULTS)}; pass --member-opt label_smoothing=0.1 for the same recipe)")
     ap.add_argument("--task", default="fashion_mnist", help="a shipped task card's name, or a path to a .toml card")
-    ap.add_argument("--warm-start-epochs", type=float, default=0,
-                    help="train the full net first (fractions allowed), then freeze it")
+    ap.add_argument("--warm-start-epochs", type=float, default=2.7,
+                    help="train the full net first (fractions allowed), then freeze it (0 = members on a random "
+                         "backbone)")
     ap.add_argument("--member-init", choices=["random", "backbone"], default=None,
                     help="members' learned rows: drawn afresh, or copied from the backbone (default: backbone after "
                          "a warm start)")
     ap.add_argument("--baseline", choices=["none", "single", "deep"], default="single",
                     help="also train, at the ensemble's cost, one full model or a deep ensemble of full models")
-    ap.add_argument("--train-subset", type=int, default=10000, help="0 = the whole training split")
-    ap.add_argument("--test-subset", type=int, default=5000, help="0 = the whole test split")
+    ap.add_argument("--train-subset", type=int, default=0, help="0 = the whole training split")
+    ap.add_argument("--test-subset", type=int, default=0, help="0 = the whole test split")
     ap.add_argument("--data", choices=["shared", "own"], default="shared", help="same batches for all members, or own shuffles")
     ap.add_argument("--execution", choices=["auto", "vmap", "loop"], default="auto",
                     help="members in one vmapped call or a loop; auto = vmap on CUDA, loop on CPU (faster on 2 cores today)")
@@ -67,10 +121,14 @@ def main(argv=None) -> dict:
     main_process = accelerator.is_main_process
     execution = args.execution if args.execution != "auto" else ("vmap" if torch.cuda.is_available() else "loop")
     out = Path(args.out)
+    members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
+    schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
     try:
+        spec = parse_spec(args.slice or default_slice(args.backbone, backbone_cfg))
         ens, report, arrays = train_ensemble(
-            parse_spec(args.slice), members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
-            task=args.task, config=config, warm_start_epochs=args.warm_start_epochs,
+            spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
+            task=args.task, config=members_config, full_config=config, warm_start_epochs=args.warm_start_epochs,
+            budget_epochs=args.budget_epochs or None, schedule=schedule,
             train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
             seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out,
             progress=not args.no_progress, vectorized=execution == "vmap", accelerator=accelerator,
