@@ -79,7 +79,7 @@ def test_generated_flags_build_the_config_they_describe():
     cfg = _args.train_config(ap, args)
     want = dict(epochs=3, batch_size=7, lr=0.2, momentum=0.9, nesterov=False, weight_decay=5e-4,
                 label_smoothing=0.0, augment=False, seed=0, bootstrap=True, eval_batch_size=1000, precise_bn=20,
-                l1_pointwise=1e-4, max_steps_per_epoch=3)
+                l1_pointwise=1e-4, max_steps_per_epoch=3, schedule_from=0.0, schedule_to=1.0)
     assert dataclasses.asdict(cfg) == want
 
 

@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
     schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
     try:
-        spec = parse_spec(args.slice or default_slice(args.backbone, backbone_cfg))
+        spec = parse_spec(default_slice(args.backbone, backbone_cfg) if args.slice is None else args.slice)
         ens, report, arrays = train_ensemble(
             spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
             task=args.task, config=members_config, full_config=config, warm_start_epochs=args.warm_start_epochs,
