@@ -377,13 +377,21 @@ def _comparison(r: dict) -> list[str]:
     return lines
 
 
+def _length(r: dict) -> str:
+    """How long the run was: its budget and schedule, or the members' epochs and the warm start."""
+    warm = f"warm start {r['warm_start_epochs']} epochs" if r["warm_start_epochs"] else ""
+    if r.get("budget_epochs"):
+        return (f"budget {r['budget_epochs']} epochs of one model: {warm}, then {r['train']['steps']:,} member steps"
+                f"{' finishing its cosine schedule' if r.get('schedule') == 'shared' else ''}")
+    return f"{r['train']['config']['epochs']} epochs" + (f", {warm}" if warm else "")
+
+
 def format_report(r: dict) -> str:
     """A readable table of one ensemble report, with its equal-cost baseline beside it when there is one."""
     m, p = r["metrics"], r["params"]
     lines = [
         f"{r['members']} x {r['backbone']} {r['spec']} on {r['task']} "
-        f"({r['train_size']:,} train / {r['test_size']:,} test, {r['train']['config']['epochs']} epochs"
-        f"{', warm start ' + str(r['warm_start_epochs']) + ' epochs' if r['warm_start_epochs'] else ''})",
+        f"({r['train_size']:,} train / {r['test_size']:,} test, {_length(r)})",
         "",
         f"{'member':<22}{'accuracy':>10}{'nll':>10}",
     ]
