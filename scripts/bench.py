@@ -16,7 +16,8 @@ Suites (``--only``):
                  fully trained model's step
   shared_prefix  Head()-only and Blocks("block3") ensembles of 8 vs one full model step
   memory         peak memory of one training step (one subprocess per case) and bytes stored
-                 per member (``describe``) vs one full model
+                 per member (``describe``) vs one full model; K=8 all at once and in member groups
+                 of 4, 2 and 1 (``TrainConfig.member_group_size``: one backward per group)
   lc             LCResNet-20-16xE (E = 8, 32, 128; spatial frozen, plain module + SGD): fused vs
                  unfused LC-Blocks, fused x128 vs a plain ResNet-20-16 step (also at the paper's
                  CIFAR-10 shapes: 3x32x32, batch 256); peak memory of each (but the latter two)
@@ -54,6 +55,7 @@ if str(ROOT) not in sys.path:
 from shared_backbone import (  # noqa: E402
     BatchNorm, Blocks, Ensemble, Filters, FrozenBackbone, Full, Head, build_backbone, describe,
 )
+from shared_backbone._member_groups import auto_group_size, forward_in_groups  # noqa: E402
 from shared_backbone.io import write_json  # noqa: E402
 
 SUITES = ("slice_step", "ensemble_step", "shared_prefix", "memory", "lc", "adapters", "distributed")
@@ -111,9 +113,9 @@ class Bench:
         return torch.optim.SGD([p for p in params if p.requires_grad], lr=LR, momentum=MOMENTUM,
                                nesterov=True, weight_decay=WD)
 
-    def ensemble_case(self, spec, members: int, *, vectorized: bool = True,
-                      channels_last: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
-        ens = Ensemble(self.frozen, spec, members=members, seed=0).to(self.device).train()
+    def ensemble_case(self, spec, members: int, *, vectorized: bool = True, channels_last: bool = False,
+                      group_size: int | None = None) -> tuple[Callable[[], None], torch.nn.Module]:
+        ens = Ensemble(self.frozen, spec, members=members, seed=0, vectorized=vectorized).to(self.device).train()
         opt = self._sgd(ens.parameters())
         x, y = (self.x_cl if channels_last else self.x), self.y
 
@@ -126,7 +128,14 @@ class Bench:
             loss.backward()
             opt.step()
 
-        return step, ens
+        def grouped_step() -> None:  # fit() with TrainConfig.member_group_size: one backward per member group
+            opt.zero_grad(set_to_none=True)
+            for _, logits in forward_in_groups(ens, x, group_size):  # (G, N, C)
+                g = logits.shape[0]
+                (F.cross_entropy(logits.flatten(0, 1), y.expand(g, -1).flatten(), label_smoothing=SMOOTH) * g).backward()
+            opt.step()
+
+        return (step if group_size is None else grouped_step), ens
 
     def plain_case(self, *, channels_last: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
         """One plain backbone, every parameter learnable (a fully trained model's step)."""
@@ -387,7 +396,14 @@ def profile_steps(bench: Bench, top: int = 15) -> dict:
 # ---------------------------------------------------------------------------------------------
 # memory: one subprocess per case
 # ---------------------------------------------------------------------------------------------
-MEM_CASES = ("ensemble_K8_vmap", "ensemble_K8_loop", "full_plain_x1")
+# ensemble cases: name -> (vectorized, members per group; None = all at once); a group of one never vmaps
+MEM_ENSEMBLE = {
+    "ensemble_K8_vmap": (True, None), "ensemble_K8_loop": (False, None),
+    "ensemble_K8_vmap_groups4": (True, 4), "ensemble_K8_vmap_groups2": (True, 2),
+    "ensemble_K8_loop_groups4": (False, 4), "ensemble_K8_loop_groups2": (False, 2),
+    "ensemble_K8_groups1": (False, 1),
+}
+MEM_CASES = (*MEM_ENSEMBLE, "full_plain_x1")
 
 
 def _maxrss_bytes() -> int:
@@ -424,19 +440,25 @@ def mem_child(args) -> None:
     spec = Filters(0.1) + BatchNorm() + Head()
     if args._mem_case.startswith("lc_"):
         step = lc_step_from_name(bench, args._mem_case)
-    elif args._mem_case == "ensemble_K8_vmap":
-        step, _ = bench.ensemble_case(spec, k)
-    elif args._mem_case == "ensemble_K8_loop":
-        step, _ = bench.ensemble_case(spec, k, vectorized=False)
+    elif args._mem_case in MEM_ENSEMBLE:
+        vectorized, group_size = MEM_ENSEMBLE[args._mem_case]
+        step, _ = bench.ensemble_case(spec, k, vectorized=vectorized, group_size=group_size)
     else:
         step, _ = bench.plain_case()
+    seconds: list[float] = []
+
+    def steps() -> None:
+        for _ in range(args.warmup + 1):
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup + 1):
-            step()
-        sync(device)
+        steps()
         peak = torch.cuda.max_memory_allocated(device)
         res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before}
     elif _hwm_bytes() is not None:
@@ -444,18 +466,17 @@ def mem_child(args) -> None:
         # RSS, so the parent's high-water mark (inherited by ru_maxrss across exec) does not leak in
         Path("/proc/self/clear_refs").write_text("5")
         before = _rss_bytes()
-        for _ in range(args.warmup + 1):
-            step()
+        steps()
         peak = _hwm_bytes()
         res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before,
                "ru_maxrss_bytes": _maxrss_bytes(), "method": "VmHWM after clear_refs=5"}
     else:
         before = _maxrss_bytes()
-        for _ in range(args.warmup + 1):
-            step()
+        steps()
         peak = _maxrss_bytes()
         res = {"before_bytes": before, "peak_bytes": peak, "delta_bytes": peak - before,
                "method": "ru_maxrss delta"}
+    res["last_step_s"] = seconds[-1]  # indicative only: each case runs alone, in its own process
     print("MEMRESULT " + json.dumps(res), flush=True)
 
 
@@ -514,6 +535,12 @@ def distributed_suite(args) -> dict:
                     "median over steps, then over repeats; every process count shares the same cores"}
 
 
+def _mem_case_words(case: str) -> str:
+    vectorized, group_size = MEM_ENSEMBLE[case]
+    groups = "all members at once" if group_size is None else f"members in groups of {group_size}"
+    return f"{'vmap' if vectorized else 'loop'} ensemble, {groups}"
+
+
 def memory_suite(bench: Bench, args) -> dict:
     device = bench.device
     out: dict = {
@@ -541,16 +568,18 @@ def memory_suite(bench: Bench, args) -> dict:
     c = out["cases"]
     full = max(c["full_plain_x1"]["delta_bytes"], 1)
     out["ratios"] = {
-        "ensemble_K8_vmap_over_full": {"value": c["ensemble_K8_vmap"]["delta_bytes"] / full,
-                                       "definition": "step peak delta, K=8 vmap ensemble / one full model"},
-        "ensemble_K8_loop_over_full": {"value": c["ensemble_K8_loop"]["delta_bytes"] / full,
-                                       "definition": "step peak delta, K=8 loop ensemble / one full model"},
+        f"{case}_over_full": {"value": c[case]["delta_bytes"] / full,
+                              "definition": f"step peak delta, K=8 {_mem_case_words(case)} / one full model"}
+        for case in MEM_ENSEMBLE
     }
-    auto = "ensemble_K8_vmap" if device.type == "cuda" else "ensemble_K8_loop"
+    # what the scripts' --execution auto and fit()'s unset TrainConfig.member_group_size run
+    groups = auto_group_size(bench.cfg["members"], device)
+    auto = f"ensemble_K8_{'vmap' if device.type == 'cuda' else 'loop'}" + (f"_groups{groups}" if groups else "")
     value = c[auto]["delta_bytes"] / full
     out["ratios"]["peak_memory_k8_auto_over_full"] = {
         "value": value, "target": "<= 4", "met": value <= 4,
-        "definition": f"step peak delta, K=8 ensemble with the execution auto picks ({auto}) / one full model"}
+        "definition": f"step peak delta, K=8 ensemble with the execution and member groups fit() picks by default "
+                      f"({auto}) / one full model"}
     ens_d = describe(bench.frozen, Filters(0.1) + BatchNorm() + Head(), members=bench.cfg["members"], verbose=False)
     full_d = describe(bench.frozen, Full(), verbose=False)
     full_bytes = sum(t.numel() * t.element_size() for t in bench.frozen.tensors().values())
@@ -774,7 +803,7 @@ def format_report(res: dict) -> str:
             lines.append(f"   method: {body['method']}")
             for n, c in body["cases"].items():
                 lines.append(f"   {n:<28} step peak +{c['delta_bytes'] / 2**20:9.1f} MiB   "
-                             f"(absolute peak {c['peak_bytes'] / 2**20:.1f} MiB)")
+                             f"(absolute peak {c['peak_bytes'] / 2**20:.1f} MiB)   last step {c['last_step_s']:.3f} s")
             for n, r in body["ratios"].items():
                 lines.append(f"   {n:<36} {r['value']:8.2f}")
             s = body["storage"]

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # for annotations only: train imports this module
 
 __all__ = ["ResumeMismatch", "RESUMABLE_CHANGES", "CHECKPOINT_STATE", "CHECKPOINT_TENSORS"]
 
-RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "precise_bn")  # recipe fields --resume lets change
+# recipe fields --resume lets change: more epochs, and how the same steps are computed or evaluated
+RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "precise_bn", "member_group_size")
 
 
 class ResumeMismatch(ValueError):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import regularizers as _regularizers
 from ._checkpoint import (CHECKPOINT_STATE, RESUMABLE_CHANGES, ResumeMismatch, _full_state, _identity,
                           _load_checkpoint, _save_checkpoint)
+from ._member_groups import auto_group_size, forward_in_groups
 from .data import TensorData
 from ._norms import BATCH_NORMS_ONLY
 from .distributed import PARALLEL_MODES, check_process_group, make_accelerator, member_split
@@ -69,6 +70,11 @@ class TrainConfig:
     schedule_to: float = field(default=1.0, metadata={
         "help": "where in that schedule this run stops (1 = at lr 0); a warm start and the members that "
                 "continue from it can share one schedule: 0 to f, then f to 1"})
+    member_group_size: int | None = field(default=None, metadata={
+        "help": "train the members in groups of this many, each group's forward and backward before the next "
+                "(one optimiser step): the same gradients, the peak memory of one group's activations; "
+                "0 = all members at once; unset = auto: on CPU the chunks vmap splits the members into "
+                "(about 4 each), elsewhere all at once", "unset": "auto"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0:
@@ -97,6 +103,11 @@ class TrainConfig:
                 and 0 <= self.schedule_from < self.schedule_to <= 1):
             raise ValueError(f"schedule_from and schedule_to must satisfy 0 <= schedule_from < schedule_to <= 1 "
                              f"(a piece of one cosine schedule), got {self.schedule_from!r} and {self.schedule_to!r}")
+        if self.member_group_size is not None and (not isinstance(self.member_group_size, int)
+                                                   or isinstance(self.member_group_size, bool)
+                                                   or self.member_group_size < 0):
+            raise ValueError(f"member_group_size must be a number of members per group >= 1, 0 (all at once) or "
+                             f"None (auto), got {self.member_group_size!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
@@ -227,6 +238,7 @@ class _Run:
     sched: Any = None
     wrapped: Any = None  # ``local``, in DDP when data-parallel over several processes
     sets: list[TensorData] | None = None  # one training set per member, for data="own"
+    group_size: int | None = None  # members per forward + backward (None: all in one)
 
     @property
     def split(self) -> bool:
@@ -299,11 +311,52 @@ def _prepare(run: _Run, step: int) -> None:
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, factor, last_epoch=step - 1)
     run.step = step
     run.wrapped = run.accelerator.prepare_model(run.local) if run.shard else run.local
+    run.group_size = _group_size(run)
     run.opt = run.accelerator.prepare_optimizer(run.opt)
     run.train = run.train.to(run.accelerator.device)
     if run.local.data == "own":
         gens = {i: torch.Generator().manual_seed(cfg.seed * 7_919 + i) for i in run.local.member_ids}
         run.sets = [run.train.bootstrap(gens[i]) if cfg.bootstrap else run.train for i in run.local.member_ids]
+
+
+def _group_size(run: _Run) -> int | None:
+    """Members per forward + backward, or ``None`` (all in one forward) when groups would not split them.
+
+    ``member_group_size`` unset: :func:`._member_groups.auto_group_size`. Never under DDP
+    (data-parallel over several processes): DDP syncs gradients and broadcasts BatchNorm buffers
+    inside its own forward of the whole stack, which a group's forward bypasses; there each process
+    already holds only its shard of the batch's activations.
+    """
+    size = run.cfg.member_group_size
+    if size is None:
+        size = None if run.shard else auto_group_size(run.local.members, run.accelerator.device)
+    if not size or size >= run.local.members:
+        return None
+    if run.shard:
+        warnings.warn(f"member_group_size={size} is not used with parallel='data' over {run.procs} processes "
+                      "(DDP runs the whole stack in one forward); each process holds its shard of the batch instead",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    return size
+
+
+def _forwards(run: _Run, x: torch.Tensor):
+    """Yield ``(members, logits)``: one forward of the whole stack (through DDP when it wraps it), or
+    one per member group (:func:`._member_groups.forward_in_groups`), each under autocast.
+    Shape: logits ``(G, N, C)``."""
+    acc = run.accelerator
+    if run.group_size is None:
+        with acc.autocast():
+            logits = run.wrapped(x)  # (K, N, C)
+        yield range(run.local.members), logits
+        return
+    groups = forward_in_groups(run.local, x, run.group_size)
+    while True:
+        with acc.autocast():  # the group's forward (and, for the first, the shared prefix's)
+            group = next(groups, None)
+        if group is None:
+            return
+        yield group
 
 
 def _checkpoint(run: _Run, epoch: int, step_in_epoch: int, sums=(0.0, 0.0, 0.0)) -> None:
@@ -323,25 +376,32 @@ def _checkpoint(run: _Run, epoch: int, step_in_epoch: int, sums=(0.0, 0.0, 0.0))
 
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, float, int]:
-    """One optimiser step on a batch; returns its (loss sum, correct, seen) over (member, sample) pairs."""
+    """One optimiser step on a batch; returns its (loss sum, correct, seen) over (member, sample) pairs.
+
+    With member groups each group's loss is backpropagated before the next group's forward; the
+    gradients add up to the whole stack's (a group's land in its members' rows only).
+    """
     cfg, acc = run.cfg, run.accelerator
     if run.shard:  # this process's part of the global batch
         dim = y.dim() - 1
         x, y = x.tensor_split(run.procs, dim=dim)[run.rank], y.tensor_split(run.procs, dim=dim)[run.rank]
-    with acc.autocast():
-        logits = run.wrapped(x)  # (K, N, C)
-    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
-        logits = logits.float()
-    target = y if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (K, N)
-    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
-    loss = ce = ce * logits.shape[0]  # sum over members of each member's mean loss
-    for term in run.regularizers:  # summed over members too: each member's own penalty
-        loss = loss + term(run.local)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {run.step}; lower lr (now {cfg.lr}) "
-                            "or check the inputs for NaN")
     run.opt.zero_grad(set_to_none=True)
-    acc.backward(loss)
+    ces, hits = [], []  # per group: its loss (the sum of its members' mean losses) and its correct predictions
+    for members, logits in _forwards(run, x):
+        if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+            logits = logits.float()
+        target = y[members.start:members.stop] if y.dim() == 2 else y.expand(logits.shape[0], -1)  # (G, N)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
+        loss = ce = ce * logits.shape[0]  # sum over members of each member's mean loss
+        if members.start == 0:  # the loss terms once per step: summed over members too, each member's own penalty
+            for term in run.regularizers:
+                loss = loss + term(run.local)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {run.step}; lower lr "
+                                f"(now {cfg.lr}) or check the inputs for NaN")
+        acc.backward(loss)
+        ces.append(ce.detach())
+        hits.append((logits.argmax(-1) == target).float().sum())
     run.opt.step()
     run.sched.step()
     run.step += 1
@@ -351,7 +411,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tupl
     n = y.shape[-1]
     # sums over (member, sample) pairs, so that the sums of all processes make the mean over every member
     # and sample whether members or samples are split; the data loss, without the regularisers
-    return ce.item() * n, (logits.argmax(-1) == target).float().sum().item(), n * logits.shape[0]
+    return sum(c.item() for c in ces) * n, sum(h.item() for h in hits), n * run.local.members
 
 
 def _one_epoch(run: _Run, epoch: int, position: dict, checkpoint_every: int | None, on_step, progress: bool,

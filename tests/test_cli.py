@@ -75,11 +75,12 @@ def test_generated_flags_default_to_trainconfig(job):
 def test_generated_flags_build_the_config_they_describe():
     ap = train_ensemble.parser()
     args = ap.parse_args(["--lr", "0.2", "--no-augment", "--no-nesterov", "--bootstrap", "--batch-size", "7",
-                          "--max-steps-per-epoch", "3", "--l1-pointwise", "1e-4", "--label-smoothing", "0"])
+                          "--max-steps-per-epoch", "3", "--l1-pointwise", "1e-4", "--label-smoothing", "0",
+                          "--member-group-size", "2"])
     cfg = _args.train_config(ap, args)
     want = dict(epochs=3, batch_size=7, lr=0.2, momentum=0.9, nesterov=False, weight_decay=5e-4,
                 label_smoothing=0.0, augment=False, seed=0, bootstrap=True, eval_batch_size=1000, precise_bn=20,
-                l1_pointwise=1e-4, max_steps_per_epoch=3, schedule_from=0.0, schedule_to=1.0)
+                l1_pointwise=1e-4, max_steps_per_epoch=3, schedule_from=0.0, schedule_to=1.0, member_group_size=2)
     assert dataclasses.asdict(cfg) == want
 
 
@@ -87,6 +88,7 @@ def test_generated_flags_build_the_config_they_describe():
     (["--lr", "-1"], "lr must be > 0"),
     (["--epochs", "0"], "epochs must be a positive integer"),
     (["--precise-bn", "-2"], "precise_bn must be"),
+    (["--member-group-size", "-1"], "member_group_size must be a number of members per group"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
 ])
 def test_bad_training_flags_are_usage_errors(argv, message, capsys):

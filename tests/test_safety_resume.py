@@ -53,7 +53,7 @@ def test_resume_refuses_another_recipe_naming_each_difference(run, change, named
     msg = _refusal(run, ens, TrainConfig(**{**vars(CFG), **change}))
     for field in named:
         assert f"{field}: checkpoint" in msg, msg
-    assert "Only epochs, eval_batch_size, precise_bn may change" in msg
+    assert "Only epochs, eval_batch_size, precise_bn, member_group_size may change" in msg
 
 
 @pytest.mark.parametrize("what, ens", [
@@ -73,6 +73,17 @@ def test_resume_may_train_longer(run, tmp_path):
     ens = sb.Ensemble(_frozen(), SPEC, members=2, seed=1)
     rec = fit(ens, _data(), None, TrainConfig(**{**vars(CFG), "epochs": 2}), out_dir=out, resume=True, progress=False)
     assert rec["steps"] == 4 and [h["epoch"] for h in rec["history"]] == [1, 2]
+
+
+def test_resume_may_train_the_members_in_groups(run, tmp_path):
+    """member_group_size changes how a step is computed, not what it computes: a resume may change it."""
+    import shutil
+
+    out = shutil.copytree(run, tmp_path / "grouped")
+    ens = sb.Ensemble(_frozen(), SPEC, members=2, seed=1)
+    rec = fit(ens, _data(), None, TrainConfig(**{**vars(CFG), "epochs": 2, "member_group_size": 1}), out_dir=out,
+              resume=True, progress=False)
+    assert rec["steps"] == 4 and rec["config"]["member_group_size"] == 1
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 2 and state["config"]["epochs"] == 2
 

@@ -57,7 +57,7 @@ def add_train_config(ap: argparse.ArgumentParser, *, defaults: dict | None = Non
             group.add_argument(*opts, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{help_} (default: {'on' if default else 'off'})")
         else:
-            shown = "off" if optional and default is None else "%(default)s"
+            shown = f.metadata.get("unset", "off") if optional and default is None else "%(default)s"
             group.add_argument(*opts, dest=f.name, type=tp, default=default, metavar=f.name.upper(),
                                help=f"{help_} (default: {shown})")
     return group
