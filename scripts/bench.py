@@ -573,8 +573,10 @@ def memory_suite(bench: Bench, args) -> dict:
         for case in MEM_ENSEMBLE
     }
     # what the scripts' --execution auto and fit()'s unset TrainConfig.member_group_size run
-    groups = auto_group_size(bench.cfg["members"], device)
-    auto = f"ensemble_K8_{'vmap' if device.type == 'cuda' else 'loop'}" + (f"_groups{groups}" if groups else "")
+    vectorized = device.type == "cuda"  # the execution --execution auto picks
+    groups = auto_group_size(bench.cfg["members"], device, vectorized)
+    auto = ("ensemble_K8_groups1" if groups == 1 else
+            f"ensemble_K8_{'vmap' if vectorized else 'loop'}" + (f"_groups{groups}" if groups else ""))
     value = c[auto]["delta_bytes"] / full
     out["ratios"]["peak_memory_k8_auto_over_full"] = {
         "value": value, "target": "<= 4", "met": value <= 4,

@@ -26,12 +26,18 @@ def group_ranges(members: int, size: int | None) -> list[range]:
     return [range(lo, min(lo + size, members)) for lo in range(0, members, size)]
 
 
-def auto_group_size(members: int, device: torch.device | str) -> int | None:
-    """The group size ``TrainConfig.member_group_size`` picks when unset: on CPU the members of one
-    vmap chunk (:data:`~shared_backbone.ensemble.CPU_VMAP_CHUNK` at most, groups as even as they
-    can be, never one member alone), so every member computes as it would in the whole stack's
-    chunked vmap, with the peak memory of one chunk; ``None`` (all at once) elsewhere, where one
-    vmapped call over every member is the fast path."""
+def auto_group_size(members: int, device: torch.device | str, vectorized: bool = True) -> int | None:
+    """The group size ``TrainConfig.member_group_size`` picks when unset, following the execution.
+
+    - member loop (``vectorized=False``): ``1``. The loop computes one member at a time anyway, so
+      one member per forward + backward costs no time and keeps the peak at one member's activations.
+    - vmap on CPU: the members of one vmap chunk (:data:`~shared_backbone.ensemble.CPU_VMAP_CHUNK` at
+      most, groups as even as they can be, never one member alone), so every member computes as it
+      would in the whole stack's chunked vmap, with the peak memory of one chunk.
+    - vmap elsewhere: ``None`` (all at once), where one vmapped call over every member is the fast path.
+    """
+    if not vectorized:
+        return 1 if members > 1 else None
     return _vmap_chunk(members, torch.empty(0, device=device))
 
 

@@ -322,14 +322,16 @@ def _prepare(run: _Run, step: int) -> None:
 def _group_size(run: _Run) -> int | None:
     """Members per forward + backward, or ``None`` (all in one forward) when groups would not split them.
 
-    ``member_group_size`` unset: :func:`._member_groups.auto_group_size`. Never under DDP
+    ``member_group_size`` unset: :func:`._member_groups.auto_group_size` (one member at a time for the
+    member loop, vmap's chunks on CPU, all at once elsewhere). Never under DDP
     (data-parallel over several processes): DDP syncs gradients and broadcasts BatchNorm buffers
     inside its own forward of the whole stack, which a group's forward bypasses; there each process
     already holds only its shard of the batch's activations.
     """
     size = run.cfg.member_group_size
     if size is None:
-        size = None if run.shard else auto_group_size(run.local.members, run.accelerator.device)
+        size = None if run.shard else auto_group_size(run.local.members, run.accelerator.device,
+                                                      run.local.vectorized)
     if not size or size >= run.local.members:
         return None
     if run.shard:

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import shared_backbone as sb
 from shared_backbone._member_groups import auto_group_size, forward_in_groups, group_ranges, member_group
@@ -20,7 +19,7 @@ from shared_backbone.ensemble import MemberStack
 from shared_backbone.train import TrainConfig, _group_size, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import SPEC, _before_training, _data, _first_batch, _frozen, _learned_rows, _plain_grads  # noqa: E402
+from test_train import SPEC, _assert_plain_sgd_step, _before_training, _data, _first_batch, _frozen  # noqa: E402
 
 ONE_STEP = dict(epochs=1, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0, label_smoothing=0.0, augment=False)
 
@@ -68,11 +67,7 @@ def test_one_grouped_sgd_step_matches_a_hand_written_reference(vectorized, size)
     x, y = _first_batch(data, bs, seed)
     fit(ens, data, None, TrainConfig(**ONE_STEP, seed=seed, member_group_size=size), progress=False)
     for i, model in enumerate(refs):
-        grads = _plain_grads(model, lambda m: F.cross_entropy(m(x), y))
-        new = ens.slice_of(i)
-        for n, w in old[i].items():
-            expected = w - lr * _learned_rows(grads[n], w.shape)
-            torch.testing.assert_close(new[n].detach(), expected, rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+        _assert_plain_sgd_step(ens, i, model, old[i], x, y, lr)
         stats = ens.stats_of(i)
         for n, b in model.named_buffers():
             if "running" in n or "num_batches" in n:
@@ -97,10 +92,7 @@ def test_a_shared_prefix_runs_once_per_step_and_its_statistics_follow_the_plain_
     shared = ens.shared_stats.as_dict()
     assert shared
     for i, model in enumerate(refs):
-        grads = _plain_grads(model, lambda m: F.cross_entropy(m(x), y))
-        for n, w in old[i].items():
-            torch.testing.assert_close(ens.slice_of(i)[n].detach(), w - lr * _learned_rows(grads[n], w.shape),
-                                       rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+        _assert_plain_sgd_step(ens, i, model, old[i], x, y, lr)
         buffers = dict(model.named_buffers())
         for n, t in shared.items():
             torch.testing.assert_close(t, buffers[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -117,10 +109,7 @@ def test_own_data_groups_slice_each_members_batch():
     for i, model in enumerate(refs):
         g = torch.Generator().manual_seed(seed * 100_003 + 0 * 1_009 + i)  # member i's stream, epoch 0
         x, y = next(iter(data.batches(bs, shuffle=True, generator=g, augment=False)))
-        grads = _plain_grads(model, lambda m: F.cross_entropy(m(x), y))
-        for n, w in old[i].items():
-            torch.testing.assert_close(ens.slice_of(i)[n].detach(), w - lr * _learned_rows(grads[n], w.shape),
-                                       rtol=1e-4, atol=1e-6, msg=f"member {i}: {n}")
+        _assert_plain_sgd_step(ens, i, model, old[i], x, y, lr)
 
 
 def _trained(spec, data_mode: str, size: int | None, vectorized: bool = True):
@@ -172,8 +161,9 @@ def test_groups_that_split_an_8_member_vmap_like_its_cpu_chunks_are_bit_identica
             assert h["train_loss"] == pytest.approx(h0["train_loss"], rel=1e-6)
 
 
-def _run(size, members=4, shard=False, device="cpu"):
-    return SimpleNamespace(cfg=TrainConfig(member_group_size=size), local=SimpleNamespace(members=members),
+def _run(size, members=4, shard=False, device="cpu", vectorized=True):
+    return SimpleNamespace(cfg=TrainConfig(member_group_size=size),
+                           local=SimpleNamespace(members=members, vectorized=vectorized),
                            shard=shard, procs=2 if shard else 1, accelerator=SimpleNamespace(device=torch.device(device)))
 
 
@@ -182,6 +172,15 @@ def test_unset_picks_the_cpu_vmap_chunks_never_a_lone_member(members, want):
     assert auto_group_size(members, "cpu") == want
     assert _group_size(_run(None, members)) == want
     assert auto_group_size(members, "meta") is None  # not a CPU: one vmapped call over every member
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("members, want", [(1, None), (2, 1), (8, 1)])
+def test_unset_runs_the_member_loop_one_member_at_a_time(members, want, device):
+    """The member loop computes one member at a time anyway: unset groups hold one member each, on any device."""
+    assert auto_group_size(members, device, vectorized=False) == want
+    assert _group_size(_run(None, members, device=device, vectorized=False)) == want
+    assert _group_size(_run(None, members, shard=True, vectorized=False)) is None  # never under DDP
 
 
 def test_grouping_is_off_under_ddp_with_a_warning_and_off_when_it_splits_nothing():
