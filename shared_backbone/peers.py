@@ -20,6 +20,12 @@ with :func:`~shared_backbone.train.fit`; torch-uncertainty's with the loss its o
 for Packed-Ensembles). ``precise_bn`` batches of BN re-estimation apply to every arm.
 torch-uncertainty is optional (``pip install 'shared_backbone[peers]'``): without it those arms
 are skipped, with the reason in ``skipped``.
+
+:func:`compare_with_recipe` puts the library's *default recipe* in the ``cheap`` row instead:
+:func:`~shared_backbone.recipes.train_ensemble` with a budget in single-model epochs, the members
+finishing the single model's own schedule; its single model (the run the warm start is cut from,
+trained to the end of the same budget) is the ``single`` row, and the ensemble's wall time is the
+budget of every other arm.
 """
 from __future__ import annotations
 
@@ -43,11 +49,11 @@ from .ensemble import Ensemble
 from .flops import inference_flops
 from .frozen import FrozenBackbone
 from .metrics import evaluate_ensemble
-from .recipes import warm_start
+from .recipes import train_ensemble, warm_start
 from .slices import BatchNorm, Filters, Full, Head, SliceSpec
 from .train import TrainConfig, fit, predict
 
-__all__ = ["ARMS", "TU_ARMS", "torch_uncertainty_missing", "compare_peers", "state_bytes"]
+__all__ = ["ARMS", "TU_ARMS", "torch_uncertainty_missing", "compare_peers", "compare_with_recipe", "state_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -307,3 +313,63 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
         rows.append(_row(arm, label, predictor, k, steps, seconds, stored, inference_flops(model, example), test,
                          ood))
     return {"budget_seconds": budget, "config": asdict(cfg), "rows": rows, "skipped": skipped}
+
+
+def _side_row(arm: str, label: str, side: dict, flops: float) -> dict:
+    """A :func:`~shared_backbone.recipes.train_ensemble` report's side as a row of :func:`compare_peers`."""
+    m = side["metrics"]
+    row = {"arm": arm, "label": label, "members": side["members"], "steps": side["steps"],
+           "train_seconds": side["train_seconds"], "flops_per_image": flops, "bytes_stored": side["stored_bytes"],
+           **{key: m.get(key) for key in ("accuracy", "nll", "ece", "brier", "mean_member_accuracy", "disagreement",
+                                          "ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob",
+                                          "ood_fpr95_ood_positive_max_prob") if key in m}}
+    if side["members"] == 1 and "ood_auroc_mutual_info" in row:
+        row["ood_auroc_mutual_info"] = None  # one model has no mutual information
+    return row
+
+
+def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | None = None, *,
+                        arms: Sequence[str] = ARMS, members: int = 3, spec: SliceSpec,
+                        budget_epochs: float = 3.0, warm_start_epochs: float = 2.7, schedule: str = "shared",
+                        config: TrainConfig | None = None, member_config: TrainConfig | None = None,
+                        backbone: str = "resnet20", width: int = 16, packed_alpha: float = 2, packed_gamma: int = 1,
+                        flops_batch: int = 8, progress: bool = False) -> dict:
+    """:func:`compare_peers` with the library's default recipe in the ``cheap`` row (module docstring).
+
+    ``config``: the single model's (and the warm start's, and every peer's) recipe; ``member_config``:
+    the members' (default ``config``). ``cheap`` is trained first and always (its wall time is the
+    budget); ``single`` is its baseline, trained in the same run. Returns the same dict as
+    :func:`compare_peers`, rows in ``arms`` order, plus ``"recipe"`` (the ensemble's settings).
+    """
+    bad = [a for a in arms if a not in ARMS]
+    if bad or "cheap" not in arms:
+        raise ValueError(f"arms must include 'cheap' and be of {', '.join(ARMS)}; got {list(arms)!r}")
+    config = config or TrainConfig()
+    ens, report, _ = train_ensemble(
+        spec, members=members, backbone=backbone, backbone_cfg={"width": width}, config=member_config or config,
+        full_config=config, warm_start_epochs=warm_start_epochs, budget_epochs=budget_epochs, schedule=schedule,
+        seed=config.seed, baseline="single" if "single" in arms else "none", progress=progress,
+        vectorized=torch.cuda.is_available(), datasets=(train, test, ood))
+    example = test.x[:flops_batch]
+    recipe = (f"budget {budget_epochs:g} ep, {schedule} schedule, warm start {warm_start_epochs:g} ep")
+    rows = {"cheap": _side_row("cheap", f"cheap ensemble K={members} (default recipe: {recipe})",
+                               report["ensemble"], inference_flops(ens, example))}
+    if report["baseline"] is not None:
+        single = Ensemble(ens.frozen, Full(), members=1, member_init="backbone", seed=config.seed)
+        rows["single"] = _side_row("single", "single model Full() (the run the warm start is cut from)",
+                                   report["baseline"], inference_flops(single, example))
+    budget = report["ensemble"]["train_seconds"]
+    others = [a for a in arms if a not in rows]
+    res = {"budget_seconds": budget, "config": asdict(config), "rows": [], "skipped": {}}
+    if others:
+        res = compare_peers(train, test, ood, arms=others, members=members, epochs=max(1, round(budget_epochs)),
+                            backbone=backbone, width=width, config=config, budget_seconds=budget,
+                            packed_alpha=packed_alpha, packed_gamma=packed_gamma,
+                            num_classes=report["backbone_config"]["num_classes"], flops_batch=flops_batch,
+                            progress=progress)
+    rows.update({r["arm"]: r for r in res["rows"]})
+    res["rows"] = [rows[a] for a in arms if a in rows]
+    res["recipe"] = {k: report[k] for k in ("spec", "members", "data", "member_init", "warm_start_epochs",
+                                             "budget_epochs", "schedule", "schedule_split")}
+    res["member_config"] = asdict(member_config or config)
+    return res

@@ -202,7 +202,9 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
                    deep_members: int | None = None, out_dir: str | Path | None = None,
                    progress: bool = True, vectorized: bool = True, accelerator=None, parallel: str = "data",
                    resume: bool = False, checkpoint_every: int | None = None,
-                   clock: Callable[[], float] = time.perf_counter) -> tuple[Ensemble, dict, dict]:
+                   clock: Callable[[], float] = time.perf_counter,
+                   datasets: tuple[TensorData, TensorData, TensorData | None] | None = None,
+                   ) -> tuple[Ensemble, dict, dict]:
     """Train a K-member ensemble of ``spec`` slices and, in the same run, its equal-cost baseline.
 
     Returns ``(ensemble, report, arrays)``: ``report`` is JSON-ready, with both arms under
@@ -233,6 +235,10 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
 
     ``accelerator``, ``parallel``, ``resume`` and ``checkpoint_every`` go to the ensemble's
     :func:`~shared_backbone.train.fit`.
+
+    ``datasets``: ``(train, test, ood)`` already loaded (``ood`` may be ``None``), instead of reading
+    ``task``'s files with ``train_subset``/``test_subset``/``ood`` (``task`` then only names them in
+    the report); the channels and classes come from the tensors.
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -247,12 +253,17 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         raise ValueError(f"budget_epochs must be a number of epochs > 0 or None, got {budget_epochs!r}")
     config = config or TrainConfig(seed=seed)
     full_config = full_config or config
-    train, test, card = load_train_test(task, train_subset, test_subset, seed)
-    cfg = {"in_channels": card.input_shape[0], "num_classes": card.num_classes, **(backbone_cfg or {})}
+    if datasets is None:
+        train, test, card = load_train_test(task, train_subset, test_subset, seed)
+        sizes = {"in_channels": card.input_shape[0], "num_classes": card.num_classes}
+        ood_data = _ood_set(ood, card)
+    else:
+        train, test, ood_data = datasets
+        sizes = {"in_channels": train.x.shape[1], "num_classes": int(max(train.y.max(), test.y.max())) + 1}
+    cfg = {**sizes, **(backbone_cfg or {})}
     member_init = member_init or ("backbone" if warm_start_epochs else "random")
     if member_init == "backbone" and data == "shared" and members > 1:
         data = "own"  # same start: members differ by their data order
-    ood_data = _ood_set(ood, card)
 
     # the cost of one step of each arm, measured side by side before anything trains
     timing: dict = {}

@@ -120,7 +120,7 @@ def test_script_writes_json_and_png(tmp_path, monkeypatch, capsys):
     arms = "cheap,single,batch_ensemble" if HAVE_TU else "cheap,single"
     res = mod.main(["--arms", arms, "--members", "2", "--width", "4", "--epochs", "1", "--batch-size", "16",
                     "--max-steps-per-epoch", "2", "--precise-bn", "1", "--no-ood", "--no-progress", "--threads", "1",
-                    "--slice", "Head()", "--out", str(tmp_path)])
+                    "--slice", "Head()", "--budget-epochs", "0", "--warm-start-epochs", "0", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert [r["arm"] for r in saved["rows"]] == arms.split(",") == [r["arm"] for r in res["rows"]]
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -128,3 +128,32 @@ def test_script_writes_json_and_png(tmp_path, monkeypatch, capsys):
     assert "FPR95 in+" in out and "single model Full()" in out
     with pytest.raises(SystemExit):
         mod.main(["--arms", "cheap,mc_dropout", "--out", str(tmp_path)])
+
+
+def test_the_default_recipe_is_the_cheap_row_and_its_single_model_the_single_row(tmp_path, monkeypatch, capsys):
+    """compare-peers with its defaults (the budget path): the cheap arm is train_ensemble's shared schedule,
+    the single row is that run's single model (all of the budget's steps), the other arms get its wall time."""
+    def stand_in(card, split, *args, **kw):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return (torch.randint(0, 256, (64, *card.input_shape), generator=g, dtype=torch.uint8),
+                torch.randint(0, card.num_classes, (64,), generator=g))
+
+    monkeypatch.setattr(data_mod, "load_arrays", stand_in)
+    from shared_backbone.cli import compare_peers as cli
+    res = cli.main(["--arms", "cheap,single,deep", "--members", "2", "--width", "4", "--batch-size", "16",
+                    "--max-steps-per-epoch", "2", "--precise-bn", "1", "--no-ood", "--no-progress", "--threads", "1",
+                    "--budget-epochs", "2", "--warm-start-epochs", "1", "--out", str(tmp_path)])
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == ["cheap", "single", "deep"]
+    assert res["recipe"]["schedule"] == "shared" and res["recipe"]["budget_epochs"] == 2
+    assert "block3" in res["recipe"]["spec"] and res["member_config"]["label_smoothing"] == 0  # train-ensemble's defaults
+    assert rows["single"]["steps"] == 4  # 2 epochs of 2 steps: the whole budget, one run
+    assert rows["cheap"]["steps"] >= 3  # its warm start (2 steps, cut from that run) + the members' steps
+    assert res["budget_seconds"] == rows["cheap"]["train_seconds"] > 0
+    assert rows["deep"]["members"] == 2 and rows["deep"]["steps"] >= 1
+    assert rows["single"]["ood_auroc_mutual_info"] is None if "ood_auroc_mutual_info" in rows["single"] else True
+    assert rows["cheap"]["flops_per_image"] > rows["single"]["flops_per_image"] > 0  # two members' last stages
+    assert json.loads((tmp_path / "peers.json").read_text())["rows"][0]["arm"] == "cheap"
+    with pytest.raises(SystemExit):  # the budget comes from the cheap arm's recipe
+        cli.main(["--arms", "single,deep", "--out", str(tmp_path)])
+    assert "keep 'cheap' in --arms" in capsys.readouterr().err

@@ -1,13 +1,19 @@
 """The library's cheap ensemble next to its peers at one wall-clock budget: one table, JSON + PNG.
 
-    shared-backbone compare-peers --train-subset 10000 --epochs 2 --members 4 --out results/peers
+    shared-backbone compare-peers --out results/peers                      # the default recipe, full data
+    shared-backbone compare-peers --budget-epochs 0 --warm-start-epochs 0 --epochs 2 --members 4 \
+        --slice "Filters(0.1)+BatchNorm()+Head()" --train-subset 10000     # a cheap arm of your own recipe
 
 Arms: the library's cheap ensemble (trained first; its wall time, warm start included, is the
 budget), one full model, a deep ensemble of K full models, and torch-uncertainty's BatchEnsemble
 and Packed-Ensembles ResNets (skipped, with a message, when torch-uncertainty is not installed:
-pip install 'shared_backbone[peers]'). Same data, seed, recipe and evaluation code for all;
-the in-distribution test set is Fashion-MNIST's, OOD is MNIST (5,000 digits). See
-shared_backbone/peers.py for how the budget is shared out.
+pip install 'shared_backbone[peers]'). By default the cheap arm is `train-ensemble`'s default
+recipe (a budget of --budget-epochs of one model; the single model's run is cut at
+--warm-start-epochs and the members finish its schedule), and the single model is that run
+trained to the end of the budget. --budget-epochs 0: the cheap arm trains --epochs on its own.
+Same data, seed, recipe and evaluation code for all; the in-distribution test set is
+Fashion-MNIST's, OOD is MNIST (5,000 digits). See shared_backbone/peers.py for how the budget is
+shared out.
 """
 from __future__ import annotations
 
@@ -18,11 +24,12 @@ import torch
 
 from ..data import TensorData, mnist5k
 from ..io import write_json
-from ..peers import ARMS, TU_ARMS, compare_peers, torch_uncertainty_missing
+from ..peers import ARMS, TU_ARMS, compare_peers, compare_with_recipe, torch_uncertainty_missing
 from ..plots import new_figure, save_png
 from ..recipes import load_train_test
 from ..slices import parse_spec
 from ._args import add_runtime, add_train_config, train_config
+from .train_ensemble import MEMBER_DEFAULTS, default_slice, member_config
 
 TRAIN_DEFAULTS = {"precise_bn": 20}  # where this job's defaults differ from TrainConfig's (BN re-estimation, every arm)
 
@@ -71,13 +78,22 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone compare-peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--members", type=int, default=4, help="K for every ensemble arm")
-    ap.add_argument("--slice", default="Filters(0.1)+BatchNorm()+Head()", help="what each cheap member learns")
-    ap.add_argument("--warm-start-epochs", type=int, default=0, help="cheap arm: train the full net first, then freeze")
+    ap.add_argument("--members", type=int, default=3, help="K for every ensemble arm")
+    ap.add_argument("--slice", default=None, help="what each cheap member learns (default: train-ensemble's, 12.5%% "
+                                                  "of the last block's filters, its BatchNorm and the head)")
+    ap.add_argument("--budget-epochs", type=float, default=3.0,
+                    help="the cheap arm's whole cost in epochs of one full model, as train-ensemble's (0 = the "
+                         "cheap arm trains --epochs on its own recipe, without the shared schedule)")
+    ap.add_argument("--warm-start-epochs", type=float, default=2.7,
+                    help="cheap arm: train the full net first (cut from the single model's run), then freeze")
+    ap.add_argument("--schedule", choices=["auto", "shared", "restart"], default="auto",
+                    help="as train-ensemble's: auto = shared after a warm start (with --budget-epochs)")
+    ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
+                    help=f"a training field that differs for the cheap members (default: {' '.join(MEMBER_DEFAULTS)})")
     ap.add_argument("--budget-seconds", type=float, default=None, help="fixed budget instead of the cheap arm's time")
     ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--train-subset", type=int, default=10000, help="0 = all 60,000")
+    ap.add_argument("--train-subset", type=int, default=0, help="0 = all 60,000")
     ap.add_argument("--test-subset", type=int, default=0, help="0 = all 10,000")
     ap.add_argument("--packed-alpha", type=float, default=2)
     ap.add_argument("--packed-gamma", type=int, default=1)
@@ -106,11 +122,29 @@ def main(argv=None) -> dict:
     if not args.no_ood:
         images, _ = mnist5k()
         ood = TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
-    res = compare_peers(train, test, ood, arms=arms, members=args.members, spec=parse_spec(args.slice),
-                        warm_start_epochs=args.warm_start_epochs, epochs=args.epochs, backbone=args.backbone,
-                        width=args.width, config=config, budget_seconds=args.budget_seconds,
-                        packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
-                        num_classes=card.num_classes, progress=not args.no_progress)
+    spec = parse_spec(args.slice if args.slice is not None else default_slice(args.backbone, {"width": args.width}))
+    if args.budget_epochs:
+        if "cheap" not in arms or args.budget_seconds is not None:
+            ap.error("--budget-epochs > 0 makes the cheap arm's recipe the budget: keep 'cheap' in --arms and drop "
+                     "--budget-seconds (or pass --budget-epochs 0)")
+        schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
+        members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
+        try:
+            res = compare_with_recipe(train, test, ood, arms=arms, members=args.members, spec=spec,
+                                      budget_epochs=args.budget_epochs, warm_start_epochs=args.warm_start_epochs,
+                                      schedule=schedule, config=config, member_config=members_config,
+                                      backbone=args.backbone, width=args.width, packed_alpha=args.packed_alpha,
+                                      packed_gamma=args.packed_gamma, progress=not args.no_progress)
+        except ValueError as err:  # e.g. a warm start that leaves the members no step of the budget
+            ap.error(str(err))
+    else:
+        if args.warm_start_epochs != int(args.warm_start_epochs):
+            ap.error(f"--warm-start-epochs {args.warm_start_epochs:g}: whole epochs without --budget-epochs")
+        res = compare_peers(train, test, ood, arms=arms, members=args.members, spec=spec,
+                            warm_start_epochs=int(args.warm_start_epochs), epochs=args.epochs, backbone=args.backbone,
+                            width=args.width, config=config, budget_seconds=args.budget_seconds,
+                            packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
+                            num_classes=card.num_classes, progress=not args.no_progress)
     res.update(args=vars(args), train_size=len(train), test_size=len(test), ood="mnist5k" if ood is not None else None)
     out = Path(args.out)
     write_json(out / "peers.json", res)
