@@ -107,6 +107,22 @@ def _tu_model(arm: str, k: int, depth: int, width: int, in_channels: int, num_cl
     return packed_resnet(**common, alpha=alpha, gamma=gamma)
 
 
+def _check_tu_arms(arms: Sequence[str], k: int, depth: int, width: int, in_channels: int, num_classes: int,
+                   alpha: float, gamma: int) -> None:
+    """Build each asked torch-uncertainty model on the meta device (no memory, no time) so that a
+    setting it refuses (Packed-Ensembles needs its channels divisible by K) fails before any arm trains."""
+    if torch_uncertainty_missing() is not None:
+        return
+    for arm in (a for a in arms if a in TU_ARMS):
+        try:
+            with torch.device("meta"):
+                _tu_model(arm, k, depth, width, in_channels, num_classes, alpha, gamma)
+        except (ValueError, AssertionError) as err:
+            raise ValueError(f"torch-uncertainty refuses {arm} with K={k} (width {width}, alpha {alpha:g}, "
+                             f"gamma {gamma}): {err} Choose peer_members (--peer-members) that divides its "
+                             f"channels, e.g. 2 or 4 at width 16, or leave {arm} out of arms") from None
+
+
 def _tu_loss(arm: str, k: int, label_smoothing: float) -> Callable:
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model.model(x)  # train mode: packed (K*N, C); batch ensemble "paper" strategy: (N, C)
@@ -244,7 +260,8 @@ def _tu_arm(arm, train, depth, width, in_channels, num_classes, k, budget, cfg, 
     t0 = time.perf_counter()
     _train_steps(model, train, cfg, steps, loss)
     if cfg.precise_bn:
-        _precise_bn(model, train, cfg.precise_bn, cfg.batch_size, cfg.seed)
+        # the raw model: in train mode BatchEnsemble gives (N, C), one estimator per chunk, not (K*N, C)
+        _precise_bn(model.model, train, cfg.precise_bn, cfg.batch_size, cfg.seed)
     return model, steps, time.perf_counter() - t0, state_bytes(model.model)
 
 
@@ -253,9 +270,10 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
                   warm_start_epochs: int = 0, epochs: int = 2, backbone: str = "resnet20", width: int = 16,
                   config: TrainConfig | None = None, budget_seconds: float | None = None,
                   packed_alpha: float = 2, packed_gamma: int = 1, num_classes: int | None = None,
-                  flops_batch: int = 8, progress: bool = False) -> dict:
+                  flops_batch: int = 8, progress: bool = False, peer_members: int | None = None) -> dict:
     """Train every arm at one wall-clock budget and evaluate them alike; return a JSON-ready dict:
     ``{"budget_seconds", "config", "rows": [...], "skipped": {arm: reason}}`` (module docstring).
+    ``members``: K of the cheap arm, and of the deep and torch-uncertainty arms unless ``peer_members``.
 
     Each row: ``arm``, ``label``, ``members``, ``steps``, ``train_seconds``, ``flops_per_image``,
     ``bytes_stored`` and the metrics (accuracy, NLL, ECE, Brier, OOD AUROC and both FPR@95
@@ -268,8 +286,10 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
         raise ValueError("without the 'cheap' arm, pass budget_seconds (the budget is the cheap arm's wall time)")
     if budget_seconds is not None and not (budget_seconds > 0 and math.isfinite(budget_seconds)):
         raise ValueError(f"budget_seconds must be a positive number of seconds, got {budget_seconds!r}")
-    if not isinstance(members, int) or members < 1:
-        raise ValueError(f"members must be an integer >= 1, got {members!r}")
+    peer_members = members if peer_members is None else peer_members
+    for name, value in (("members", members), ("peer_members", peer_members)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     depth = _depth(backbone)
     spec = spec if spec is not None else Filters(0.1) + BatchNorm() + Head()
     cfg = replace(config or TrainConfig(), epochs=epochs)
@@ -279,6 +299,7 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     example = test.x[:flops_batch]
     rows, skipped, budget = [], {}, budget_seconds
     missing = torch_uncertainty_missing() if any(a in TU_ARMS for a in arms) else None
+    _check_tu_arms(arms, peer_members, depth, width, in_channels, num_classes, packed_alpha, packed_gamma)
 
     if "cheap" in arms:  # first: its wall time is the budget
         ens, steps, seconds, stored = _cheap_arm(train, backbone, bcfg, spec, members, warm_start_epochs, cfg,
@@ -289,7 +310,7 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
         rows.append(_row("cheap", label, lambda d: predict(ens, d, cfg.eval_batch_size), members, steps, seconds,
                          stored, inference_flops(ens, example), test, ood))
     for arm in arms:
-        k = 1 if arm == "single" else members
+        k = 1 if arm == "single" else peer_members
         if arm == "cheap":
             continue
         if arm in TU_ARMS and missing:
@@ -333,7 +354,7 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
                         budget_epochs: float = 3.0, warm_start_epochs: float = 2.7, schedule: str = "shared",
                         config: TrainConfig | None = None, member_config: TrainConfig | None = None,
                         backbone: str = "resnet20", width: int = 16, packed_alpha: float = 2, packed_gamma: int = 1,
-                        flops_batch: int = 8, progress: bool = False) -> dict:
+                        flops_batch: int = 8, progress: bool = False, peer_members: int | None = None) -> dict:
     """:func:`compare_peers` with the library's default recipe in the ``cheap`` row (module docstring).
 
     ``config``: the single model's (and the warm start's, and every peer's) recipe; ``member_config``:
@@ -345,6 +366,9 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
     if bad or "cheap" not in arms:
         raise ValueError(f"arms must include 'cheap' and be of {', '.join(ARMS)}; got {list(arms)!r}")
     config = config or TrainConfig()
+    peer_members = members if peer_members is None else peer_members
+    _check_tu_arms(arms, peer_members, _depth(backbone), width, train.x.shape[1],
+                   int(max(train.y.max(), test.y.max())) + 1, packed_alpha, packed_gamma)  # before an hour of training
     ens, report, _ = train_ensemble(
         spec, members=members, backbone=backbone, backbone_cfg={"width": width}, config=member_config or config,
         full_config=config, warm_start_epochs=warm_start_epochs, budget_epochs=budget_epochs, schedule=schedule,
@@ -356,8 +380,9 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
                                report["ensemble"], inference_flops(ens, example))}
     if report["baseline"] is not None:
         single = Ensemble(ens.frozen, Full(), members=1, member_init="backbone", seed=config.seed)
-        rows["single"] = _side_row("single", "single model Full() (the run the warm start is cut from)",
-                                   report["baseline"], inference_flops(single, example))
+        how = "the run the warm start is cut from" if schedule == "shared" else "the budget's steps"
+        rows["single"] = _side_row("single", f"single model Full() ({how})", report["baseline"],
+                                   inference_flops(single, example))
     budget = report["ensemble"]["train_seconds"]
     others = [a for a in arms if a not in rows]
     res = {"budget_seconds": budget, "config": asdict(config), "rows": [], "skipped": {}}
@@ -366,7 +391,7 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
                             backbone=backbone, width=width, config=config, budget_seconds=budget,
                             packed_alpha=packed_alpha, packed_gamma=packed_gamma,
                             num_classes=report["backbone_config"]["num_classes"], flops_batch=flops_batch,
-                            progress=progress)
+                            progress=progress, peer_members=peer_members)
     rows.update({r["arm"]: r for r in res["rows"]})
     res["rows"] = [rows[a] for a in arms if a in rows]
     res["recipe"] = {k: report[k] for k in ("spec", "members", "data", "member_init", "warm_start_epochs",

@@ -78,6 +78,32 @@ def test_torch_uncertainty_models_give_k_n_c_per_estimator(arm):
     assert inference_flops(model, x) > 0
 
 
+@pytest.mark.skipif(not HAVE_TU, reason="torch-uncertainty is not installed")
+def test_batch_ensemble_trains_k_estimators_that_do_not_divide_the_batch():
+    """K=3 estimators, batches of 16 (and a last batch of 4): precise BN runs the raw model, whose
+    train-mode output is (N, C) for BatchEnsemble, not K*N rows (a K=3 full-data run once crashed here)."""
+    cfg = TrainConfig(batch_size=16, precise_bn=2, eval_batch_size=32)
+    model, steps, seconds, _ = P._tu_arm("batch_ensemble", _data(36, 0), 20, 4, 1, 10, 3, 0.01, cfg, 2, 1)
+    assert steps >= 1 and seconds > 0
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 2  # re-estimated over precise_bn batches (cumulative average)
+    with torch.no_grad():
+        assert model.eval()(_data(5, 3).x).shape == (3, 5, 10)
+
+
+@pytest.mark.skipif(not HAVE_TU, reason="torch-uncertainty is not installed")
+def test_a_k_packed_ensembles_refuses_is_an_error_before_any_arm_trains(monkeypatch):
+    """Packed-Ensembles needs its channels divisible by K: K=3 at width 16 (alpha 2: 32 channels) is
+    refused up front, naming K and what to pass, not after the other arms' hour of training."""
+    monkeypatch.setattr(P, "_cheap_arm", lambda *a, **k: pytest.fail("an arm trained before the check"))
+    monkeypatch.setattr(P, "train_ensemble", lambda *a, **k: pytest.fail("an arm trained before the check"))
+    with pytest.raises(ValueError, match=r"refuses packed with K=3 \(width 16.*--peer-members"):
+        P.compare_peers(_data(16, 0), _data(16, 1), arms=("cheap", "packed"), members=3, width=16, config=CFG)
+    with pytest.raises(ValueError, match=r"refuses packed with K=3"):
+        P.compare_with_recipe(_data(16, 0), _data(16, 1), arms=("cheap", "packed"), members=2, peer_members=3,
+                              spec=Head(), width=16, config=CFG)
+
+
 def test_missing_torch_uncertainty_skips_with_a_reason(monkeypatch):
     monkeypatch.setattr(P, "torch_uncertainty_missing", lambda: "torch-uncertainty is not importable (test)")
     res = P.compare_peers(_data(32, 0), _data(16, 1), None, arms=("single", "packed", "batch_ensemble"),

@@ -78,7 +78,11 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone compare-peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--members", type=int, default=3, help="K for every ensemble arm")
+    ap.add_argument("--members", type=int, default=3, help="K of the cheap ensemble (and of the peers, unless "
+                                                           "--peer-members)")
+    ap.add_argument("--peer-members", type=int, default=None,
+                    help="K of the deep ensemble, BatchEnsemble and Packed-Ensembles (default --members; Packed-"
+                         "Ensembles needs its channels divisible by K: 2 or 4 at width 16, alpha 2)")
     ap.add_argument("--slice", default=None, help="what each cheap member learns (default: train-ensemble's, 12.5%% "
                                                   "of the last block's filters, its BatchNorm and the head)")
     ap.add_argument("--budget-epochs", type=float, default=3.0,
@@ -129,22 +133,23 @@ def main(argv=None) -> dict:
                      "--budget-seconds (or pass --budget-epochs 0)")
         schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
         members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
-        try:
-            res = compare_with_recipe(train, test, ood, arms=arms, members=args.members, spec=spec,
-                                      budget_epochs=args.budget_epochs, warm_start_epochs=args.warm_start_epochs,
-                                      schedule=schedule, config=config, member_config=members_config,
-                                      backbone=args.backbone, width=args.width, packed_alpha=args.packed_alpha,
-                                      packed_gamma=args.packed_gamma, progress=not args.no_progress)
-        except ValueError as err:  # e.g. a warm start that leaves the members no step of the budget
-            ap.error(str(err))
+        run = lambda: compare_with_recipe(  # noqa: E731
+            train, test, ood, arms=arms, members=args.members, spec=spec, budget_epochs=args.budget_epochs,
+            warm_start_epochs=args.warm_start_epochs, schedule=schedule, config=config, member_config=members_config,
+            backbone=args.backbone, width=args.width, packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
+            progress=not args.no_progress, peer_members=args.peer_members)
     else:
         if args.warm_start_epochs != int(args.warm_start_epochs):
             ap.error(f"--warm-start-epochs {args.warm_start_epochs:g}: whole epochs without --budget-epochs")
-        res = compare_peers(train, test, ood, arms=arms, members=args.members, spec=spec,
-                            warm_start_epochs=int(args.warm_start_epochs), epochs=args.epochs, backbone=args.backbone,
-                            width=args.width, config=config, budget_seconds=args.budget_seconds,
-                            packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
-                            num_classes=card.num_classes, progress=not args.no_progress)
+        run = lambda: compare_peers(  # noqa: E731
+            train, test, ood, arms=arms, members=args.members, spec=spec, warm_start_epochs=int(args.warm_start_epochs),
+            epochs=args.epochs, backbone=args.backbone, width=args.width, config=config,
+            budget_seconds=args.budget_seconds, packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
+            num_classes=card.num_classes, progress=not args.no_progress, peer_members=args.peer_members)
+    try:
+        res = run()
+    except ValueError as err:  # a setting refused before training (K for Packed-Ensembles, a warm start past the budget)
+        ap.error(str(err))
     res.update(args=vars(args), train_size=len(train), test_size=len(test), ood="mnist5k" if ood is not None else None)
     out = Path(args.out)
     write_json(out / "peers.json", res)
