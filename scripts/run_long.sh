@@ -21,10 +21,12 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 run() {  # run NAME ARGS...: one script at nice 19, its output in $OUT/NAME.log; a failure does not stop the queue
   local name=$1; shift
   echo "$(date -u +%FT%TZ) start $name: $*"
-  if nice -n 19 "$PY" "$@" --threads "$THREADS" --resume >> "$OUT/$name.log" 2>&1; then
+  local rc=0
+  nice -n 19 "$PY" "$@" --threads "$THREADS" --resume >> "$OUT/$name.log" 2>&1 || rc=$?
+  if [ "$rc" = 0 ]; then  # rc kept apart: $? inside a string after $(date) would be date's status
     echo "$(date -u +%FT%TZ) done $name"
   else
-    echo "$(date -u +%FT%TZ) FAILED $name (exit $?): see $OUT/$name.log"
+    echo "$(date -u +%FT%TZ) FAILED $name (exit $rc): see $OUT/$name.log"
   fi
 }
 
