@@ -53,7 +53,8 @@ from .recipes import train_ensemble, warm_start
 from .slices import BatchNorm, Filters, Full, Head, SliceSpec
 from .train import TrainConfig, fit, predict
 
-__all__ = ["ARMS", "TU_ARMS", "torch_uncertainty_missing", "compare_peers", "compare_with_recipe", "state_bytes"]
+__all__ = ["ARMS", "TU_ARMS", "torch_uncertainty_missing", "check_arms", "compare_peers", "compare_with_recipe",
+           "state_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,29 @@ def _check_tu_arms(arms: Sequence[str], k: int, depth: int, width: int, in_chann
             with torch.device("meta"):
                 _tu_model(arm, k, depth, width, in_channels, num_classes, alpha, gamma)
         except (ValueError, AssertionError) as err:
+            hint = (" Choose peer_members (--peer-members) that divides its channels, e.g. 2 or 4 at width 16,"
+                    if "divisible" in str(err) else "")
             raise ValueError(f"torch-uncertainty refuses {arm} with K={k} (width {width}, alpha {alpha:g}, "
-                             f"gamma {gamma}): {err} Choose peer_members (--peer-members) that divides its "
-                             f"channels, e.g. 2 or 4 at width 16, or leave {arm} out of arms") from None
+                             f"gamma {gamma}): {str(err).rstrip('.')}.{hint} or leave {arm} out of arms") from None
+
+
+def check_arms(arms: Sequence[str], *, members: int, peer_members: int | None = None, backbone: str = "resnet20",
+               width: int = 16, in_channels: int = 1, num_classes: int = 10, packed_alpha: float = 2,
+               packed_gamma: int = 1) -> int:
+    """Every check :func:`compare_peers` and :func:`compare_with_recipe` make before training anything
+    (arm names, K, the backbone's depth for torch-uncertainty's builders, settings they refuse);
+    a ``ValueError`` names the bad value. Returns the peers' K."""
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise ValueError(f"unknown arm(s) {bad or list(arms)!r}; accepted: {', '.join(ARMS)}")
+    peer_members = members if peer_members is None else peer_members
+    for name, value in (("members", members), ("peer_members", peer_members)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if any(a in TU_ARMS for a in arms):
+        _check_tu_arms(arms, peer_members, _depth(backbone), width, in_channels, num_classes, packed_alpha,
+                       packed_gamma)
+    return peer_members
 
 
 def _tu_loss(arm: str, k: int, label_smoothing: float) -> Callable:
@@ -279,27 +300,22 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     ``bytes_stored`` and the metrics (accuracy, NLL, ECE, Brier, OOD AUROC and both FPR@95
     conventions; ``ood_auroc_mutual_info`` is None for one model).
     """
-    bad = [a for a in arms if a not in ARMS]
-    if bad or not arms:
-        raise ValueError(f"unknown arm(s) {bad or arms!r}; accepted: {', '.join(ARMS)}")
+    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
+    in_channels = train.x.shape[1]
+    peer_members = check_arms(arms, members=members, peer_members=peer_members, backbone=backbone, width=width,
+                              in_channels=in_channels, num_classes=num_classes, packed_alpha=packed_alpha,
+                              packed_gamma=packed_gamma)
     if "cheap" not in arms and budget_seconds is None:
         raise ValueError("without the 'cheap' arm, pass budget_seconds (the budget is the cheap arm's wall time)")
     if budget_seconds is not None and not (budget_seconds > 0 and math.isfinite(budget_seconds)):
         raise ValueError(f"budget_seconds must be a positive number of seconds, got {budget_seconds!r}")
-    peer_members = members if peer_members is None else peer_members
-    for name, value in (("members", members), ("peer_members", peer_members)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    depth = _depth(backbone)
+    depth = _depth(backbone) if any(a in TU_ARMS for a in arms) else None
     spec = spec if spec is not None else Filters(0.1) + BatchNorm() + Head()
     cfg = replace(config or TrainConfig(), epochs=epochs)
-    in_channels = train.x.shape[1]
-    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
     bcfg = {"width": width, "in_channels": in_channels, "num_classes": num_classes}
     example = test.x[:flops_batch]
     rows, skipped, budget = [], {}, budget_seconds
     missing = torch_uncertainty_missing() if any(a in TU_ARMS for a in arms) else None
-    _check_tu_arms(arms, peer_members, depth, width, in_channels, num_classes, packed_alpha, packed_gamma)
 
     if "cheap" in arms:  # first: its wall time is the budget
         ens, steps, seconds, stored = _cheap_arm(train, backbone, bcfg, spec, members, warm_start_epochs, cfg,
@@ -354,7 +370,8 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
                         budget_epochs: float = 3.0, warm_start_epochs: float = 2.7, schedule: str = "shared",
                         config: TrainConfig | None = None, member_config: TrainConfig | None = None,
                         backbone: str = "resnet20", width: int = 16, packed_alpha: float = 2, packed_gamma: int = 1,
-                        flops_batch: int = 8, progress: bool = False, peer_members: int | None = None) -> dict:
+                        flops_batch: int = 8, progress: bool = False, peer_members: int | None = None,
+                        num_classes: int | None = None) -> dict:
     """:func:`compare_peers` with the library's default recipe in the ``cheap`` row (module docstring).
 
     ``config``: the single model's (and the warm start's, and every peer's) recipe; ``member_config``:
@@ -362,21 +379,22 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
     budget); ``single`` is its baseline, trained in the same run. Returns the same dict as
     :func:`compare_peers`, rows in ``arms`` order, plus ``"recipe"`` (the ensemble's settings).
     """
-    bad = [a for a in arms if a not in ARMS]
-    if bad or "cheap" not in arms:
-        raise ValueError(f"arms must include 'cheap' and be of {', '.join(ARMS)}; got {list(arms)!r}")
+    if "cheap" not in arms:
+        raise ValueError(f"arms must include 'cheap' (its wall time is every other arm's budget); got {list(arms)!r}")
     config = config or TrainConfig()
-    peer_members = members if peer_members is None else peer_members
-    _check_tu_arms(arms, peer_members, _depth(backbone), width, train.x.shape[1],
-                   int(max(train.y.max(), test.y.max())) + 1, packed_alpha, packed_gamma)  # before an hour of training
+    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
+    peer_members = check_arms(arms, members=members, peer_members=peer_members, backbone=backbone, width=width,
+                              in_channels=train.x.shape[1], num_classes=num_classes, packed_alpha=packed_alpha,
+                              packed_gamma=packed_gamma)  # before an hour of training
     ens, report, _ = train_ensemble(
-        spec, members=members, backbone=backbone, backbone_cfg={"width": width}, config=member_config or config,
+        spec, members=members, backbone=backbone, backbone_cfg={"width": width, "num_classes": num_classes},
+        config=member_config or config,
         full_config=config, warm_start_epochs=warm_start_epochs, budget_epochs=budget_epochs, schedule=schedule,
         seed=config.seed, baseline="single" if "single" in arms else "none", progress=progress,
         vectorized=torch.cuda.is_available(), datasets=(train, test, ood))
     example = test.x[:flops_batch]
-    recipe = (f"budget {budget_epochs:g} ep, {schedule} schedule, warm start {warm_start_epochs:g} ep")
-    rows = {"cheap": _side_row("cheap", f"cheap ensemble K={members} (default recipe: {recipe})",
+    recipe = f"{budget_epochs:g} ep budget, {schedule}, warm {warm_start_epochs:g}"
+    rows = {"cheap": _side_row("cheap", f"cheap K={members} ({recipe})",
                                report["ensemble"], inference_flops(ens, example))}
     if report["baseline"] is not None:
         single = Ensemble(ens.frozen, Full(), members=1, member_init="backbone", seed=config.seed)
@@ -390,7 +408,7 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
         res = compare_peers(train, test, ood, arms=others, members=members, epochs=max(1, round(budget_epochs)),
                             backbone=backbone, width=width, config=config, budget_seconds=budget,
                             packed_alpha=packed_alpha, packed_gamma=packed_gamma,
-                            num_classes=report["backbone_config"]["num_classes"], flops_batch=flops_batch,
+                            num_classes=num_classes, flops_batch=flops_batch,
                             progress=progress, peer_members=peer_members)
     rows.update({r["arm"]: r for r in res["rows"]})
     res["rows"] = [rows[a] for a in arms if a in rows]

@@ -73,8 +73,9 @@ class TrainConfig:
     member_group_size: int | None = field(default=None, metadata={
         "help": "train the members in groups of this many, each group's forward and backward before the next "
                 "(one optimiser step): the same gradients, the peak memory of one group's activations; "
-                "0 = all members at once; unset = auto: on CPU the chunks vmap splits the members into "
-                "(about 4 each), elsewhere all at once", "unset": "auto"})
+                "0 = all members at once; unset = auto: the member loop one member at a time, vmap on CPU "
+                "the chunks it splits the members into (about 4 each), vmap elsewhere all at once",
+        "unset": "auto"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0:

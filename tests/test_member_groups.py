@@ -133,7 +133,7 @@ def _trained(spec, data_mode: str, size: int | None, vectorized: bool = True):
 ])
 @pytest.mark.parametrize("size", [1, 3])
 def test_grouped_training_equals_all_members_at_once(spec, data_mode, vectorized, size):
-    ref, ref_rec = _trained(spec, data_mode, None, vectorized)
+    ref, ref_rec = _trained(spec, data_mode, 0, vectorized)  # 0: all members in one forward (unset may group)
     ens, rec = _trained(spec, data_mode, size, vectorized)
     for n, t in ref.state_dict().items():  # slices, shared and per-member BatchNorm statistics
         torch.testing.assert_close(ens.state_dict()[n], t, rtol=0, atol=1e-10, msg=n)

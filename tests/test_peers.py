@@ -82,11 +82,12 @@ def test_torch_uncertainty_models_give_k_n_c_per_estimator(arm):
 def test_batch_ensemble_trains_k_estimators_that_do_not_divide_the_batch():
     """K=3 estimators, batches of 16 (and a last batch of 4): precise BN runs the raw model, whose
     train-mode output is (N, C) for BatchEnsemble, not K*N rows (a K=3 full-data run once crashed here)."""
-    cfg = TrainConfig(batch_size=16, precise_bn=2, eval_batch_size=32)
+    cfg = TrainConfig(batch_size=16, precise_bn=3, eval_batch_size=32)
     model, steps, seconds, _ = P._tu_arm("batch_ensemble", _data(36, 0), 20, 4, 1, 10, 3, 0.01, cfg, 2, 1)
     assert steps >= 1 and seconds > 0
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert int(bn.num_batches_tracked) == 2  # re-estimated over precise_bn batches (cumulative average)
+    # re-estimated over all 3 batches of 36 images (16, 16, 4): the count restarts at 0, whatever the steps were
+    assert int(bn.num_batches_tracked) == 3
     with torch.no_grad():
         assert model.eval()(_data(5, 3).x).shape == (3, 5, 10)
 
@@ -176,10 +177,29 @@ def test_the_default_recipe_is_the_cheap_row_and_its_single_model_the_single_row
     assert rows["single"]["steps"] == 4  # 2 epochs of 2 steps: the whole budget, one run
     assert rows["cheap"]["steps"] >= 3  # its warm start (2 steps, cut from that run) + the members' steps
     assert res["budget_seconds"] == rows["cheap"]["train_seconds"] > 0
-    assert rows["deep"]["members"] == 2 and rows["deep"]["steps"] >= 1
-    assert rows["single"]["ood_auroc_mutual_info"] is None if "ood_auroc_mutual_info" in rows["single"] else True
+    assert rows["deep"]["members"] == 4 and rows["deep"]["steps"] >= 1  # --peer-members: 4 by default
     assert rows["cheap"]["flops_per_image"] > rows["single"]["flops_per_image"] > 0  # two members' last stages
     assert json.loads((tmp_path / "peers.json").read_text())["rows"][0]["arm"] == "cheap"
     with pytest.raises(SystemExit):  # the budget comes from the cheap arm's recipe
         cli.main(["--arms", "single,deep", "--out", str(tmp_path)])
     assert "keep 'cheap' in --arms" in capsys.readouterr().err
+    for argv, msg in ((["--peer-members", "0"], "peer_members must be an integer >= 1, got 0"),
+                      (["--budget-epochs", "0", "--member-opt", "lr=0.1"], "--member-opt: only with --budget-epochs"),
+                      (["--budget-epochs", "0", "--warm-start-epochs", "0.5"], "whole epochs without")):
+        with pytest.raises(SystemExit):  # refused before anything trains
+            cli.main(["--arms", "cheap,single,deep", "--out", str(tmp_path), *argv])
+        assert msg in capsys.readouterr().err
+
+
+def test_the_recipe_rows_carry_ood_metrics_one_model_without_mutual_information():
+    """compare_with_recipe with an OOD set: both rows from train_ensemble's report, in [0, 1]; the single
+    model has no mutual information; its classes are the ones passed, not the labels seen."""
+    train, test, ood = _data(48, 0), _data(32, 1), _data(24, 2)
+    res = P.compare_with_recipe(train, test, ood, arms=("cheap", "single"), members=2, spec=Head(), width=4,
+                                budget_epochs=2, warm_start_epochs=1, config=CFG, num_classes=12)
+    cheap, single = res["rows"]
+    assert (cheap["arm"], single["arm"]) == ("cheap", "single")
+    assert 0 <= cheap["ood_auroc_mutual_info"] <= 1 and single["ood_auroc_mutual_info"] is None
+    for r in (cheap, single):
+        assert 0 <= r["ood_auroc_max_prob"] <= 1 and 0 <= r["accuracy"] <= 1
+    assert cheap["bytes_stored"] > 2 * (16 * 12 + 12) * 4  # two 12-class heads + the warm-started backbone

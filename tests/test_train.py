@@ -133,7 +133,7 @@ def _assert_plain_sgd_step(ens, i: int, model: torch.nn.Module, old: dict[str, t
 def test_one_sgd_step_matches_a_hand_written_reference(vectorized):
     lr, seed, bs = 0.1, 3, 8
     cfg = TrainConfig(epochs=1, batch_size=bs, lr=lr, momentum=0.0, weight_decay=0.0, label_smoothing=0.0,
-                      augment=False, seed=seed)
+                      augment=False, seed=seed, member_group_size=0)  # every member in one forward (groups: test_member_groups)
     data = _data(bs, seed=1)
     ens = sb.Ensemble(_frozen(), SPEC, members=2, seed=4, vectorized=vectorized)
     ens.train()

@@ -24,7 +24,7 @@ import torch
 
 from ..data import TensorData, mnist5k
 from ..io import write_json
-from ..peers import ARMS, TU_ARMS, compare_peers, compare_with_recipe, torch_uncertainty_missing
+from ..peers import ARMS, TU_ARMS, check_arms, compare_peers, compare_with_recipe, torch_uncertainty_missing
 from ..plots import new_figure, save_png
 from ..recipes import load_train_test
 from ..slices import parse_spec
@@ -78,20 +78,20 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="shared-backbone compare-peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--members", type=int, default=3, help="K of the cheap ensemble (and of the peers, unless "
-                                                           "--peer-members)")
-    ap.add_argument("--peer-members", type=int, default=None,
-                    help="K of the deep ensemble, BatchEnsemble and Packed-Ensembles (default --members; Packed-"
-                         "Ensembles needs its channels divisible by K: 2 or 4 at width 16, alpha 2)")
+    ap.add_argument("--members", type=int, default=3, help="K of the cheap ensemble")
+    ap.add_argument("--peer-members", type=int, default=4,
+                    help="K of the deep ensemble, BatchEnsemble and Packed-Ensembles (Packed-Ensembles needs its "
+                         "channels divisible by K: 2 or 4 at width 16, alpha 2)")
     ap.add_argument("--slice", default=None, help="what each cheap member learns (default: train-ensemble's, 12.5%% "
                                                   "of the last block's filters, its BatchNorm and the head)")
     ap.add_argument("--budget-epochs", type=float, default=3.0,
                     help="the cheap arm's whole cost in epochs of one full model, as train-ensemble's (0 = the "
                          "cheap arm trains --epochs on its own recipe, without the shared schedule)")
-    ap.add_argument("--warm-start-epochs", type=float, default=2.7,
-                    help="cheap arm: train the full net first (cut from the single model's run), then freeze")
+    ap.add_argument("--warm-start-epochs", type=float, default=None,
+                    help="cheap arm: train the full net first, then freeze (default 2.7 of the budget, cut from the "
+                         "single model's run; 0 with --budget-epochs 0; whole epochs there)")
     ap.add_argument("--schedule", choices=["auto", "shared", "restart"], default="auto",
-                    help="as train-ensemble's: auto = shared after a warm start (with --budget-epochs)")
+                    help="as train-ensemble's: auto = shared after a warm start (only with --budget-epochs)")
     ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
                     help=f"a training field that differs for the cheap members (default: {' '.join(MEMBER_DEFAULTS)})")
     ap.add_argument("--budget-seconds", type=float, default=None, help="fixed budget instead of the cheap arm's time")
@@ -131,25 +131,34 @@ def main(argv=None) -> dict:
         if "cheap" not in arms or args.budget_seconds is not None:
             ap.error("--budget-epochs > 0 makes the cheap arm's recipe the budget: keep 'cheap' in --arms and drop "
                      "--budget-seconds (or pass --budget-epochs 0)")
-        schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
+        warm = 2.7 if args.warm_start_epochs is None else args.warm_start_epochs
+        schedule = args.schedule if args.schedule != "auto" else ("shared" if warm else "restart")
         members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
         run = lambda: compare_with_recipe(  # noqa: E731
             train, test, ood, arms=arms, members=args.members, spec=spec, budget_epochs=args.budget_epochs,
-            warm_start_epochs=args.warm_start_epochs, schedule=schedule, config=config, member_config=members_config,
+            warm_start_epochs=warm, schedule=schedule, config=config, member_config=members_config,
             backbone=args.backbone, width=args.width, packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
-            progress=not args.no_progress, peer_members=args.peer_members)
+            progress=not args.no_progress, peer_members=args.peer_members, num_classes=card.num_classes)
     else:
-        if args.warm_start_epochs != int(args.warm_start_epochs):
-            ap.error(f"--warm-start-epochs {args.warm_start_epochs:g}: whole epochs without --budget-epochs")
+        warm = args.warm_start_epochs or 0
+        if warm != int(warm):
+            ap.error(f"--warm-start-epochs {warm:g}: whole epochs without --budget-epochs")
+        ignored = [flag for flag, given in (("--schedule", args.schedule != "auto"),
+                                            ("--member-opt", args.member_opt is not None)) if given]
+        if ignored:
+            ap.error(f"{', '.join(ignored)}: only with --budget-epochs > 0 (the default recipe's path)")
         run = lambda: compare_peers(  # noqa: E731
-            train, test, ood, arms=arms, members=args.members, spec=spec, warm_start_epochs=int(args.warm_start_epochs),
+            train, test, ood, arms=arms, members=args.members, spec=spec, warm_start_epochs=int(warm),
             epochs=args.epochs, backbone=args.backbone, width=args.width, config=config,
             budget_seconds=args.budget_seconds, packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma,
             num_classes=card.num_classes, progress=not args.no_progress, peer_members=args.peer_members)
-    try:
-        res = run()
-    except ValueError as err:  # a setting refused before training (K for Packed-Ensembles, a warm start past the budget)
+    try:  # what would be refused, before anything trains; a failure later is a traceback, not a usage error
+        check_arms(arms, members=args.members, peer_members=args.peer_members, backbone=args.backbone,
+                   width=args.width, in_channels=card.input_shape[0], num_classes=card.num_classes,
+                   packed_alpha=args.packed_alpha, packed_gamma=args.packed_gamma)
+    except ValueError as err:
         ap.error(str(err))
+    res = run()
     res.update(args=vars(args), train_size=len(train), test_size=len(test), ood="mnist5k" if ood is not None else None)
     out = Path(args.out)
     write_json(out / "peers.json", res)
