@@ -185,7 +185,8 @@ def test_the_default_recipe_is_the_cheap_row_and_its_single_model_the_single_row
     assert "keep 'cheap' in --arms" in capsys.readouterr().err
     for argv, msg in ((["--peer-members", "0"], "peer_members must be an integer >= 1, got 0"),
                       (["--budget-epochs", "0", "--member-opt", "lr=0.1"], "--member-opt: only with --budget-epochs"),
-                      (["--budget-epochs", "0", "--warm-start-epochs", "0.5"], "whole epochs without")):
+                      (["--budget-epochs", "0", "--warm-start-epochs", "0.5"], "whole epochs without"),
+                      (["--schedule", "shared", "--warm-start-epochs", "0"], "needs --warm-start-epochs > 0")):
         with pytest.raises(SystemExit):  # refused before anything trains
             cli.main(["--arms", "cheap,single,deep", "--out", str(tmp_path), *argv])
         assert msg in capsys.readouterr().err

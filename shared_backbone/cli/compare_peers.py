@@ -133,6 +133,9 @@ def main(argv=None) -> dict:
                      "--budget-seconds (or pass --budget-epochs 0)")
         warm = 2.7 if args.warm_start_epochs is None else args.warm_start_epochs
         schedule = args.schedule if args.schedule != "auto" else ("shared" if warm else "restart")
+        if schedule == "shared" and not warm:
+            ap.error("--schedule shared splits one schedule between a warm start and the members: it needs "
+                     "--warm-start-epochs > 0")
         members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
         run = lambda: compare_with_recipe(  # noqa: E731
             train, test, ood, arms=arms, members=args.members, spec=spec, budget_epochs=args.budget_epochs,
