@@ -225,16 +225,24 @@ def _row(arm: str, label: str, predictor: Callable, k: int, steps: int, seconds:
          test: TensorData, ood: TensorData | None) -> dict:
     """One table row: the arm's costs and :func:`evaluate_ensemble` of its ``(K, N, C)`` logits."""
     m = evaluate_ensemble(predictor(test), test.y.cpu(), predictor(ood) if ood is not None else None)
+    row = _table_row(arm, label, k, steps, seconds, flops, stored, m)
+    log.info("%s: accuracy %.4f in %.0f s", label, row["accuracy"], seconds)
+    return row
+
+
+_METRICS = ("accuracy", "nll", "ece", "brier", "mean_member_accuracy", "disagreement")
+_OOD_METRICS = ("ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob", "ood_fpr95_ood_positive_max_prob")
+
+
+def _table_row(arm: str, label: str, k: int, steps: int, seconds: float, flops: float, stored: int,
+               metrics: dict) -> dict:
+    """One row from :func:`evaluate_ensemble`'s ``metrics`` (OOD keys only where it has them)."""
     row = {"arm": arm, "label": label, "members": k, "steps": steps, "train_seconds": seconds,
-           "flops_per_image": flops, "bytes_stored": stored,
-           **{key: m[key] for key in ("accuracy", "nll", "ece", "brier", "mean_member_accuracy", "disagreement")}}
-    if ood is not None:
-        for key in ("ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob",
-                    "ood_fpr95_ood_positive_max_prob"):
-            row[key] = m[key]
+           "flops_per_image": flops, "bytes_stored": stored, **{key: metrics[key] for key in _METRICS}}
+    if "ood_auroc_max_prob" in metrics:
+        row.update({key: metrics[key] for key in _OOD_METRICS})
         if k == 1:
             row["ood_auroc_mutual_info"] = None  # one model has no mutual information
-    log.info("%s: accuracy %.4f in %.0f s", label, row["accuracy"], seconds)
     return row
 
 
@@ -300,7 +308,7 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     ``bytes_stored`` and the metrics (accuracy, NLL, ECE, Brier, OOD AUROC and both FPR@95
     conventions; ``ood_auroc_mutual_info`` is None for one model).
     """
-    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
+    num_classes = num_classes or _labels_seen(train, test)
     in_channels = train.x.shape[1]
     peer_members = check_arms(arms, members=members, peer_members=peer_members, backbone=backbone, width=width,
                               in_channels=in_channels, num_classes=num_classes, packed_alpha=packed_alpha,
@@ -352,17 +360,15 @@ def compare_peers(train: TensorData, test: TensorData, ood: TensorData | None = 
     return {"budget_seconds": budget, "config": asdict(cfg), "rows": rows, "skipped": skipped}
 
 
+def _labels_seen(train: TensorData, test: TensorData) -> int:
+    """Classes when none are given: the largest label seen, plus one."""
+    return int(max(train.y.max(), test.y.max())) + 1
+
+
 def _side_row(arm: str, label: str, side: dict, flops: float) -> dict:
     """A :func:`~shared_backbone.recipes.train_ensemble` report's side as a row of :func:`compare_peers`."""
-    m = side["metrics"]
-    row = {"arm": arm, "label": label, "members": side["members"], "steps": side["steps"],
-           "train_seconds": side["train_seconds"], "flops_per_image": flops, "bytes_stored": side["stored_bytes"],
-           **{key: m.get(key) for key in ("accuracy", "nll", "ece", "brier", "mean_member_accuracy", "disagreement",
-                                          "ood_auroc_max_prob", "ood_auroc_mutual_info", "ood_fpr95_max_prob",
-                                          "ood_fpr95_ood_positive_max_prob") if key in m}}
-    if side["members"] == 1 and "ood_auroc_mutual_info" in row:
-        row["ood_auroc_mutual_info"] = None  # one model has no mutual information
-    return row
+    return _table_row(arm, label, side["members"], side["steps"], side["train_seconds"], flops,
+                      side["stored_bytes"], side["metrics"])
 
 
 def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | None = None, *,
@@ -382,7 +388,7 @@ def compare_with_recipe(train: TensorData, test: TensorData, ood: TensorData | N
     if "cheap" not in arms:
         raise ValueError(f"arms must include 'cheap' (its wall time is every other arm's budget); got {list(arms)!r}")
     config = config or TrainConfig()
-    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
+    num_classes = num_classes or _labels_seen(train, test)
     peer_members = check_arms(arms, members=members, peer_members=peer_members, backbone=backbone, width=width,
                               in_channels=train.x.shape[1], num_classes=num_classes, packed_alpha=packed_alpha,
                               packed_gamma=packed_gamma)  # before an hour of training
