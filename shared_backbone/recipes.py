@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from . import late_phase
 from .backbones import build_backbone
 from .data import TensorData, load_task, mnist5k
 from .describe import describe
@@ -20,7 +21,7 @@ from .slices import Full, SliceSpec
 from .train import TrainConfig, _steps_per_epoch, fit, predict
 
 __all__ = ["load_train_test", "warm_start", "train_ensemble", "format_report", "equal_cost_steps", "BASELINES",
-           "SCHEDULES"]
+           "SCHEDULES", "TRUNKS", "check_joint"]
 
 BASELINES = ("none", "single", "deep")
 
@@ -118,6 +119,7 @@ def _side(kind: str, members: int, metrics: dict, record: dict, train_seconds: f
 
 
 SCHEDULES = ("restart", "shared")
+TRUNKS = ("frozen", "joint")
 
 
 class _Snapshot:
@@ -144,13 +146,17 @@ def _ood_set(ood: str | None, card) -> TensorData | None:
     return TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
 
 
-def _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock) -> dict:
-    """One step of the ensemble and one of a full model, timed interleaved."""
-    probes = {"ensemble": Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
-                                   vectorized=vectorized),
-              "single": Ensemble(random_frozen, Full(), members=1, member_init="backbone")}
-    step_seconds = equal_cost_steps({k: _step_fn(m, train, config if k == "ensemble" else full_config)
-                                     for k, m in probes.items()}, clock=clock)
+def _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk="frozen") -> dict:
+    """One step of the ensemble (one member and the trunk, for a joint trunk) and one of a full model,
+    timed interleaved."""
+    single = Ensemble(random_frozen, Full(), members=1, member_init="backbone")
+    if trunk == "joint":
+        ensemble_step = late_phase.step_fn(late_phase.LatePhase(random_frozen.backbone, spec, members), train, config)
+    else:
+        ensemble_step = _step_fn(Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
+                                          vectorized=vectorized), train, config)
+    step_seconds = equal_cost_steps({"ensemble": ensemble_step, "single": _step_fn(single, train, full_config)},
+                                    clock=clock)
     return {"step_seconds": step_seconds,
             "ensemble_step_in_single_steps": step_seconds["ensemble"] / max(step_seconds["single"], 1e-12)}
 
@@ -196,7 +202,7 @@ def _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule
 def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet20", backbone_cfg: dict | None = None,
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: float = 0,
                    full_config: TrainConfig | None = None, member_init: str | None = None,
-                   budget_epochs: float | None = None, schedule: str = "restart",
+                   budget_epochs: float | None = None, schedule: str = "restart", trunk: str = "frozen",
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", baseline: str = "single",
                    deep_members: int | None = None, out_dir: str | Path | None = None,
@@ -240,6 +246,10 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     ``task``'s files with ``train_subset``/``test_subset``/``ood`` (``task`` then only names them in
     the report); the channels and classes come from the tensors.
     """
+    if trunk not in TRUNKS:
+        raise ValueError(f"trunk must be one of {TRUNKS}, got {trunk!r}")
+    if trunk == "joint":
+        check_joint(data, resume, checkpoint_every, accelerator)
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if schedule not in SCHEDULES:
@@ -262,14 +272,14 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         sizes = {"in_channels": train.x.shape[1], "num_classes": int(max(train.y.max(), test.y.max())) + 1}
     cfg = {**sizes, **(backbone_cfg or {})}
     member_init = member_init or ("backbone" if warm_start_epochs else "random")
-    if member_init == "backbone" and data == "shared" and members > 1:
+    if member_init == "backbone" and data == "shared" and members > 1 and trunk == "frozen":
         data = "own"  # same start: members differ by their data order
 
     # the cost of one step of each arm, measured side by side before anything trains
     timing: dict = {}
     if baseline != "none" or budget_epochs is not None or schedule == "shared":
         random_frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
-        timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock)
+        timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk)
     plan = _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing)
     timing.update({k: plan[k] for k in ("warm_steps", "ensemble_steps", "budget_single_steps")})
     if baseline == "deep":
@@ -295,10 +305,15 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
         warm_seconds = time.perf_counter() - t0
     member_config = plan["member_config"]
-    ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
-                   vectorized=vectorized)
-    record = fit(ens, train, test, member_config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
-                 resume=resume, checkpoint_every=checkpoint_every, progress=progress)
+    if trunk == "joint":  # the trunk goes on training under the members: frozen only at the end
+        ens, record = late_phase.train_late_phase(frozen.backbone, spec, members, train, member_config,
+                                                  member_init=member_init, seed=seed, progress=progress)
+        ens.vectorized, frozen = vectorized, ens.frozen
+    else:
+        ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
+                       vectorized=vectorized)
+        record = fit(ens, train, test, member_config, accelerator=accelerator, parallel=parallel, out_dir=out_dir,
+                     resume=resume, checkpoint_every=checkpoint_every, progress=progress)
     logits, ood_logits = _predict_all(ens, test, ood_data, member_config, record)
     arrays = {"test_logits": logits, "test_labels": test.y.cpu()}
     if ood_logits is not None:
@@ -310,7 +325,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     report = {
         "task": task, "backbone": backbone, "backbone_config": cfg, "spec": repr(spec), "members": members,
         "data": data, "member_init": member_init, "warm_start_epochs": warm_start_epochs,
-        "budget_epochs": budget_epochs, "schedule": schedule, "schedule_split": plan.get("schedule_split"),
+        "budget_epochs": budget_epochs, "schedule": schedule, "trunk": trunk, "schedule_split": plan.get("schedule_split"),
         "train_size": len(train), "test_size": len(test),
         "fingerprint": frozen.fingerprint, "train": {k: v for k, v in record.items() if k != "test"},
         "warm_start_seconds": warm_seconds, "wall_seconds": time.perf_counter() - t0,
@@ -330,6 +345,19 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         report["baseline"] = _baseline(baseline, single_run, timing, backbone, cfg, seed, vectorized, train, test,
                                        ood_data, full_config, accelerator, progress, full_bytes, arrays)
     return ens, report, arrays
+
+
+def check_joint(data: str, resume: bool, checkpoint_every, accelerator) -> None:
+    """What a joint trunk cannot do (yet): own data orders, checkpoints, several processes."""
+    if data != "shared":
+        raise ValueError(f"trunk='joint' trains one member per step on the shared batch stream (each member sees "
+                         f"one batch in K); data must be 'shared', got {data!r}")
+    if resume or checkpoint_every:
+        raise ValueError("trunk='joint' does not checkpoint its phase (it is a part of one budget: rerun it); "
+                         f"resume must be False and checkpoint_every None, got {resume!r} and {checkpoint_every!r}")
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ValueError(f"trunk='joint' runs in one process, got {accelerator.num_processes} processes; "
+                         "use trunk='frozen' under a launcher")
 
 
 def _baseline(kind, single_run, timing, backbone, cfg, seed, vectorized, train, test, ood_data, full_config,

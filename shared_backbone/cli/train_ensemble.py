@@ -28,7 +28,7 @@ from ..backbones import build_backbone
 from ..distributed import make_accelerator
 from ..io import write_json
 from ..plots import plot_ensemble_report
-from ..recipes import format_report, train_ensemble
+from ..recipes import check_joint, format_report, train_ensemble
 from ..saving import save_ensemble
 from ..slices import parse_spec
 from ..train import ResumeMismatch, TrainConfig
@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
                     help="shared: the warm start and the members are two pieces of one cosine schedule (the warm "
                          "start cut from the single model's run); restart: a cosine each; auto: shared after a "
                          "warm start")
+    ap.add_argument("--trunk", choices=["frozen", "joint"], default="frozen",
+                    help="frozen: the members train their slices on the warm start as it is; joint: the trunk goes "
+                         "on training under them, one member per step in turn (late-phase weights), frozen at the end")
     ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="a training field that differs for the members (repeatable; default: "
                          f"{' '.join(MEMBER_DEFAULTS)}; pass --member-opt label_smoothing=0.1 for the same recipe)")
@@ -123,12 +126,17 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     members_config = member_config(ap, config, MEMBER_DEFAULTS if args.member_opt is None else args.member_opt)
     schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
+    if args.trunk == "joint":  # refused before anything trains: a usage error, not a traceback
+        try:
+            check_joint(args.data, args.resume, args.checkpoint_every, accelerator)
+        except ValueError as err:
+            ap.error(str(err))
     try:
         spec = parse_spec(default_slice(args.backbone, backbone_cfg) if args.slice is None else args.slice)
         ens, report, arrays = train_ensemble(
             spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
             task=args.task, config=members_config, full_config=config, warm_start_epochs=args.warm_start_epochs,
-            budget_epochs=args.budget_epochs or None, schedule=schedule,
+            budget_epochs=args.budget_epochs or None, schedule=schedule, trunk=args.trunk,
             train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
             seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out,
             progress=not args.no_progress, vectorized=execution == "vmap", accelerator=accelerator,
