@@ -15,6 +15,7 @@ as the ensemble's template does. Training code lives in :func:`train_late_phase`
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -87,12 +88,13 @@ class LatePhase(nn.Module):
         return ens.train(self.training)
 
 
-def _sgd(model: LatePhase, config: TrainConfig) -> torch.optim.SGD:
+def _sgd(model: LatePhase, config: TrainConfig, slice_lr_scale: float = 1.0) -> torch.optim.SGD:
     # one tensor per member slice: a member's slice that sat out a step has no gradient and SGD skips it
     # (no weight decay, no momentum), so each slice trains as if alone on its own steps
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                           momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-                           weight_decay=config.weight_decay)
+    groups = [{"params": list(model.trunk.parameters())},
+              {"params": list(model.slices.parameters()), "lr": config.lr * slice_lr_scale}]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
 
 
 def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, label_smoothing: float
@@ -119,15 +121,19 @@ def step_fn(model: LatePhase, train: TensorData, config: TrainConfig):
 
 
 def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: TensorData, config: TrainConfig, *,
-                     member_init: str = "backbone", seed: int = 0, progress: bool = True
-                     ) -> tuple[Ensemble, dict]:
+                     member_init: str = "backbone", seed: int = 0, slice_lr_scale: float = 1.0,
+                     progress: bool = True) -> tuple[Ensemble, dict]:
     """Train K members' slices and the trunk under them, one member per step in turn; return the
     ensemble (trunk frozen at the end, precise BN per member when ``config.precise_bn``) and a record.
 
     ``config`` as for :func:`~shared_backbone.train.fit`: its epochs (of at most
     ``max_steps_per_epoch`` batches), lr and cosine piece ``[schedule_from, schedule_to]``, label
     smoothing, augmentation and seed. Every member sees the same seeded batch stream, one batch in K.
+    ``slice_lr_scale`` multiplies the members' slices' learning rate (the trunk keeps ``config.lr``),
+    on the same cosine: members that move further apart while the trunk anneals as one model's would.
     """
+    if not (isinstance(slice_lr_scale, (int, float)) and math.isfinite(slice_lr_scale) and slice_lr_scale > 0):
+        raise ValueError(f"slice_lr_scale must be a finite number > 0, got {slice_lr_scale!r}")
     if not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be a positive integer (K >= 1), got {members!r}")
     if len(train) == 0:
@@ -135,7 +141,7 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     model = LatePhase(module, spec, members, member_init=member_init, seed=seed)
     device = next(module.parameters()).device
     model.to(device).train()
-    opt = _sgd(model, config)
+    opt = _sgd(model, config, slice_lr_scale)
     steps = _steps_per_epoch(len(train), config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps * config.epochs, config.schedule_from,
                                                            config.schedule_to))
@@ -167,5 +173,5 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     if config.precise_bn:
         recalibrate_bn(ens, train, config.precise_bn, config.batch_size, config.seed)
     return ens, {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "history": history,
-                 "train_seconds": seconds, "steps": step, "members_per_step": 1,
+                 "train_seconds": seconds, "steps": step, "members_per_step": 1, "slice_lr_scale": slice_lr_scale,
                  "steps_per_member": [len(range(i, step, members)) for i in range(members)]}

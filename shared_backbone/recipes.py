@@ -203,6 +203,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: float = 0,
                    full_config: TrainConfig | None = None, member_init: str | None = None,
                    budget_epochs: float | None = None, schedule: str = "restart", trunk: str = "frozen",
+                   slice_lr_scale: float = 1.0,
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", baseline: str = "single",
                    deep_members: int | None = None, out_dir: str | Path | None = None,
@@ -249,7 +250,10 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     if trunk not in TRUNKS:
         raise ValueError(f"trunk must be one of {TRUNKS}, got {trunk!r}")
     if trunk == "joint":
-        check_joint(data, resume, checkpoint_every, accelerator)
+        check_joint(data, resume, checkpoint_every, accelerator, slice_lr_scale)
+    elif slice_lr_scale != 1.0:
+        raise ValueError(f"slice_lr_scale ({slice_lr_scale!r}) scales the slices' lr against the trunk's: it needs "
+                         "trunk='joint' (with a frozen trunk set the members' lr in config)")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if schedule not in SCHEDULES:
@@ -307,7 +311,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     member_config = plan["member_config"]
     if trunk == "joint":  # the trunk goes on training under the members: frozen only at the end
         ens, record = late_phase.train_late_phase(frozen.backbone, spec, members, train, member_config,
-                                                  member_init=member_init, seed=seed, progress=progress)
+                                                  member_init=member_init, seed=seed,
+                                                  slice_lr_scale=slice_lr_scale, progress=progress)
         ens.vectorized, frozen = vectorized, ens.frozen
     else:
         ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
@@ -325,7 +330,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     report = {
         "task": task, "backbone": backbone, "backbone_config": cfg, "spec": repr(spec), "members": members,
         "data": data, "member_init": member_init, "warm_start_epochs": warm_start_epochs,
-        "budget_epochs": budget_epochs, "schedule": schedule, "trunk": trunk, "schedule_split": plan.get("schedule_split"),
+        "budget_epochs": budget_epochs, "schedule": schedule, "trunk": trunk,
+        "slice_lr_scale": slice_lr_scale if trunk == "joint" else None, "schedule_split": plan.get("schedule_split"),
         "train_size": len(train), "test_size": len(test),
         "fingerprint": frozen.fingerprint, "train": {k: v for k, v in record.items() if k != "test"},
         "warm_start_seconds": warm_seconds, "wall_seconds": time.perf_counter() - t0,
@@ -347,8 +353,10 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     return ens, report, arrays
 
 
-def check_joint(data: str, resume: bool, checkpoint_every, accelerator) -> None:
-    """What a joint trunk cannot do (yet): own data orders, checkpoints, several processes."""
+def check_joint(data: str, resume: bool, checkpoint_every, accelerator, slice_lr_scale: float = 1.0) -> None:
+    """What a joint trunk cannot do (yet): own data orders, checkpoints, several processes; and its lr scale."""
+    if not (isinstance(slice_lr_scale, (int, float)) and math.isfinite(slice_lr_scale) and slice_lr_scale > 0):
+        raise ValueError(f"slice_lr_scale must be a finite number > 0, got {slice_lr_scale!r}")
     if data != "shared":
         raise ValueError(f"trunk='joint' trains one member per step on the shared batch stream (each member sees "
                          f"one batch in K); data must be 'shared', got {data!r}")

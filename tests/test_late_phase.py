@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import shared_backbone as sb
 from shared_backbone import BatchNorm, Filters, Head
 from shared_backbone.data import TensorData
+from shared_backbone import late_phase
 from shared_backbone.late_phase import LatePhase, train_late_phase
 from shared_backbone.recipes import train_ensemble
 from shared_backbone.train import TrainConfig
@@ -58,17 +59,25 @@ def test_a_member_is_the_trunk_with_its_rows_and_the_ensemble_says_the_same(tiny
     torch.testing.assert_close(same(x, 0), tiny_resnet20.eval()(x))
 
 
-def test_one_step_is_a_plain_sgd_step_of_that_member_and_leaves_the_others_alone(tiny_resnet20):
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_one_step_is_a_plain_sgd_step_of_that_member_and_leaves_the_others_alone(tiny_resnet20, scale):
     late = LatePhase(tiny_resnet20, LAST_STAGE, members=3, member_init="random", seed=2).train()
     data = _data()
     x, y = data.x[:16], data.y[:16]
-    # the reference: member 1 as a plain module, one plain SGD step on the same batch
+    # the reference: member 1 as a plain module, one plain SGD step on the same batch; the member's own
+    # entries (its rows, or the whole tensor) at scale x the lr
     ref = _plain_member(late.trunk, late, 1).train()
     F.cross_entropy(ref(x), y).backward()
     with torch.no_grad():
-        expected = {n: p - 0.1 * p.grad for n, p in ref.named_parameters()}
+        expected = {}
+        for n, p in ref.named_parameters():
+            lr = torch.full_like(p, 0.1)
+            if n in late.layout:
+                sl = late.layout[n]
+                (lr if sl.whole else lr.narrow(sl.dim, 0, sl.n)).fill_(0.1 * scale)
+            expected[n] = p - lr * p.grad
     before = [{k: v.detach().clone() for k, v in s.items()} for s in late.slices]
-    opt = torch.optim.SGD([p for p in late.parameters() if p.requires_grad], lr=0.1)
+    opt = late_phase._sgd(late, TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0), scale)
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(late(x, 1), y).backward()
     opt.step()
@@ -129,6 +138,8 @@ def test_train_ensemble_with_a_joint_trunk_reports_both_arms_at_one_budget():
     ({"trunk": "joint", "data": "own"}, "data must be 'shared'"),
     ({"trunk": "joint", "resume": True}, "does not checkpoint"),
     ({"trunk": "joint", "checkpoint_every": 5}, "does not checkpoint"),
+    ({"slice_lr_scale": 2.0}, "needs trunk='joint'"),
+    ({"trunk": "joint", "slice_lr_scale": 0.0}, "slice_lr_scale must be a finite number > 0, got 0.0"),
 ])
 def test_joint_trunk_refuses_what_it_cannot_do(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -158,11 +169,14 @@ def test_the_main_job_trains_a_joint_trunk_and_saves_an_ensemble_that_loads(tmp_
 @pytest.mark.parametrize("argv, message", [
     (["--data", "own"], "data must be 'shared', got 'own'"),
     (["--resume"], "does not checkpoint its phase"),
+    (["--slice-lr-scale", "nan"], "slice_lr_scale must be a finite number > 0, got nan"),
+    (["--trunk", "frozen", "--slice-lr-scale", "2"], "--slice-lr-scale 2.0 needs --trunk joint"),
 ])
 def test_a_joint_trunk_with_what_it_cannot_do_is_a_usage_error(argv, message, tmp_path, capsys):
     from shared_backbone.cli import train_ensemble as job
+    trunk = [] if argv[0] == "--trunk" else ["--trunk", "joint"]
     with pytest.raises(SystemExit) as info:
-        job.main(["--trunk", "joint", *argv, "--out", str(tmp_path / "run")])
+        job.main([*trunk, *argv, "--out", str(tmp_path / "run")])
     assert info.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()

@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--trunk", choices=["frozen", "joint"], default="frozen",
                     help="frozen: the members train their slices on the warm start as it is; joint: the trunk goes "
                          "on training under them, one member per step in turn (late-phase weights), frozen at the end")
+    ap.add_argument("--slice-lr-scale", type=float, default=1.0,
+                    help="with --trunk joint: the members' slices learn at this multiple of the trunk's lr")
     ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="a training field that differs for the members (repeatable; default: "
                          f"{' '.join(MEMBER_DEFAULTS)}; pass --member-opt label_smoothing=0.1 for the same recipe)")
@@ -128,15 +130,19 @@ def main(argv=None) -> dict:
     schedule = args.schedule if args.schedule != "auto" else ("shared" if args.warm_start_epochs else "restart")
     if args.trunk == "joint":  # refused before anything trains: a usage error, not a traceback
         try:
-            check_joint(args.data, args.resume, args.checkpoint_every, accelerator)
+            check_joint(args.data, args.resume, args.checkpoint_every, accelerator, args.slice_lr_scale)
         except ValueError as err:
             ap.error(str(err))
+    elif args.slice_lr_scale != 1.0:
+        ap.error(f"--slice-lr-scale {args.slice_lr_scale} needs --trunk joint (a frozen trunk has no lr of its own; "
+                 "set the members' with --member-opt lr=...)")
     try:
         spec = parse_spec(default_slice(args.backbone, backbone_cfg) if args.slice is None else args.slice)
         ens, report, arrays = train_ensemble(
             spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
             task=args.task, config=members_config, full_config=config, warm_start_epochs=args.warm_start_epochs,
-            budget_epochs=args.budget_epochs or None, schedule=schedule, trunk=args.trunk,
+            budget_epochs=args.budget_epochs or None, schedule=schedule,
+            trunk=args.trunk, slice_lr_scale=args.slice_lr_scale,
             train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
             seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out,
             progress=not args.no_progress, vectorized=execution == "vmap", accelerator=accelerator,
