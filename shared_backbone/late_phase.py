@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,6 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     ens = model.to_ensemble()
     if config.precise_bn:
         recalibrate_bn(ens, train, config.precise_bn, config.batch_size, config.seed)
-    return ens, {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "history": history,
+    return ens, {"config": asdict(config), "history": history,
                  "train_seconds": seconds, "steps": step, "members_per_step": 1, "slice_lr_scale": slice_lr_scale,
                  "steps_per_member": [len(range(i, step, members)) for i in range(members)]}
