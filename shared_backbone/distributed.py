@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 __all__ = ["PARALLEL_MODES", "SilentSingleProcess", "make_accelerator", "check_process_group",
-           "member_split", "launched_processes"]
+           "member_split", "launched_processes", "main_process_value"]
 
 PARALLEL_MODES = ("data", "members", "local")
 
@@ -51,6 +51,21 @@ def make_accelerator(mixed_precision: str | None = None, cpu: bool | None = None
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
     check_process_group(acc)
     return acc
+
+
+def main_process_value(value, accelerator):
+    """``value`` as the main process has it, on every process (a collective: every process calls it).
+
+    For what each process measures but all must agree on: a plan made from each process's own step
+    timings would give the processes different step counts, and the first collective of the longer
+    run would wait forever.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def check_process_group(accelerator) -> None:

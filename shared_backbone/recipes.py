@@ -14,6 +14,7 @@ from . import late_phase
 from .backbones import build_backbone
 from .data import TensorData, load_task, mnist5k
 from .describe import describe
+from .distributed import main_process_value, make_accelerator
 from .ensemble import Ensemble
 from .frozen import FrozenBackbone
 from .metrics import evaluate_ensemble
@@ -251,6 +252,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     """
     if trunk not in TRUNKS:
         raise ValueError(f"trunk must be one of {TRUNKS}, got {trunk!r}")
+    accelerator = accelerator or make_accelerator()  # the same one for every phase, and for the plan
     if trunk == "joint":
         check_joint(data, resume, checkpoint_every, accelerator, slice_lr_scale)
     elif slice_lr_scale != 1.0:
@@ -286,12 +288,14 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     if baseline != "none" or budget_epochs is not None or schedule == "shared":
         random_frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
         timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk)
+        timing = main_process_value(timing, accelerator)  # one plan for every process, or they hang
     plan = _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing)
     timing.update({k: plan[k] for k in ("warm_steps", "ensemble_steps", "budget_single_steps")})
     if baseline == "deep":
         full_per_epoch = _steps_per_epoch(len(train), full_config)
         m = deep_members or max(1, min(members, plan["budget_single_steps"] // full_per_epoch))
-        timing.update(_deep_cost(m, vectorized, random_frozen, train, full_config, clock))
+        timing.update(main_process_value(_deep_cost(m, vectorized, random_frozen, train, full_config, clock),
+                                         accelerator))
 
     t0 = time.perf_counter()
     single_run = None

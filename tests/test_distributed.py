@@ -284,3 +284,14 @@ def test_task_parallel_needs_a_task_per_process(tmp_path):
     res = launch("--task", "mnist5k", "--parallel", "tasks", "--out", str(tmp_path / "a"), *ADAPTER_ARGS,
                  script=script, check=False)
     assert res.returncode != 0 and "at least one task per process: 1 task(s) over 2 processes" in res.stderr
+
+
+def test_every_process_follows_the_main_processes_plan(tmp_path):
+    """Each process times the steps that size the equal-cost baseline; the main job used to plan from its
+    own timing, so on a loaded machine the processes trained different step counts and hung in DDP."""
+    launch(str(tmp_path), script=str(ROOT / "tests" / "_dist_plan_worker.py"))
+    plans = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert plans[0] == plans[1]
+    # rank 0 measured 1 single-model step per ensemble step: 4 ensemble steps are a budget of 4
+    assert plans[0]["timing"]["ensemble_step_in_single_steps"] == 1.0
+    assert plans[0]["baseline_steps"] == 4 and plans[0]["ensemble_steps"] == 4
