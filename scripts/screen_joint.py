@@ -94,8 +94,8 @@ def main(argv=None) -> None:
                                    len(train))
         config = TrainConfig.from_dict({**asdict(config), "schedule_from": warms[warm] / budget})
         t0 = time.perf_counter()
-        ens, record = train_late_phase(trunk, parse_spec(spec), int(k), train, config, member_init=init, seed=a.seed,
-                                       slice_lr_scale=float(slice_lr), progress=False)
+        ens, record = train_late_phase(trunk, parse_spec(spec), int(k), train, config, member_init=init,
+                                       seed=a.seed, slice_lr_scale=float(slice_lr), progress=False)
         evaluate(ens, name, {"spec": spec, "K": int(k), "warm": warm, "init": init, "ls": float(ls),
                              "slice_lr": float(slice_lr), "steps": record["steps"], "train_s": time.perf_counter() - t0})
 

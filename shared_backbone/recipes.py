@@ -243,6 +243,11 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     ``warm steps + ensemble steps * t_ensemble / t_baseline`` steps (a warm-start step *is* a
     baseline step). Both arms' measured train seconds are reported beside it.
 
+    ``trunk``: ``"frozen"`` (the members train their slices on the backbone as it is) or ``"joint"``:
+    the trunk goes on training under the members, one member per step in turn, and is frozen at the
+    end (:mod:`.late_phase`, late-phase weights; one process, ``data="shared"``, no checkpoints).
+    ``slice_lr_scale`` (joint only) sets the slices' lr as a multiple of the trunk's.
+
     ``accelerator``, ``parallel``, ``resume`` and ``checkpoint_every`` go to the ensemble's
     :func:`~shared_backbone.train.fit`.
 
