@@ -122,11 +122,9 @@ def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, 
     return logits.detach()
 
 
-def step_fn(model: LatePhase, train: TensorData, config: TrainConfig):
-    """One late-phase step on a fixed augmented batch, for timing (``model`` is a throwaway)."""
-    g = torch.Generator().manual_seed(config.seed)
-    x, y = next(iter(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=config.momentum)
+def timing_step(model: LatePhase, x: torch.Tensor, y: torch.Tensor, momentum: float):
+    """One late-phase step on the batch ``(x, y)``, as a function to time (``model`` is a throwaway)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=momentum)
     model.train_layout().train()
     return lambda: _step(model, opt, x, y, 0, 0.0)
 

@@ -63,10 +63,15 @@ def warm_start(backbone_name: str, backbone_cfg: dict, train: TensorData, epochs
     return FrozenBackbone.from_module(model.member(0))
 
 
+def _timing_batch(train: TensorData, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed augmented batch that step timings run on."""
+    g = torch.Generator().manual_seed(config.seed)
+    return next(iter(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)))
+
+
 def _step_fn(model, train: TensorData, config: TrainConfig) -> Callable[[], None]:
     """One optimizer step of ``model`` on a fixed augmented batch (for timing only: ``model`` is a throwaway)."""
-    g = torch.Generator().manual_seed(config.seed)
-    x, y = next(iter(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)))
+    x, y = _timing_batch(train, config)
     if model.data == "own":
         x, y = x.expand(model.members, *x.shape).contiguous(), y.expand(model.members, -1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,7 +157,8 @@ def _cost(spec, members, data, vectorized, random_frozen, train, config, full_co
     timed interleaved."""
     single = Ensemble(random_frozen, Full(), members=1, member_init="backbone")
     if trunk == "joint":
-        ensemble_step = late_phase.step_fn(late_phase.LatePhase(random_frozen.backbone, spec, members), train, config)
+        ensemble_step = late_phase.timing_step(late_phase.LatePhase(random_frozen.backbone, spec, members),
+                                               *_timing_batch(train, config), config.momentum)
     else:
         ensemble_step = _step_fn(Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
                                           vectorized=vectorized), train, config)

@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import shared_backbone as sb
-from shared_backbone import BatchNorm, Filters, Head
+from shared_backbone import Head
 from shared_backbone.data import TensorData
 from shared_backbone import late_phase
 from shared_backbone.late_phase import LatePhase, train_late_phase
 from shared_backbone.recipes import train_ensemble
 from shared_backbone.train import TrainConfig
 
-LAST_STAGE = Filters(0.25, stages=["block3"]) + BatchNorm(stages=["block3"]) + Head()
+sys.path.insert(0, str(Path(__file__).parent))
+from test_recipes import LAST_STAGE, TINY  # noqa: E402
 
 
 def _plain_member(trunk: torch.nn.Module, late: LatePhase, i: int) -> torch.nn.Module:
@@ -120,9 +123,6 @@ def test_non_finite_loss_stops_the_late_phase(tiny_resnet20):
     with pytest.raises(sb.train.NonFiniteLoss, match="late-phase loss"):
         train_late_phase(tiny_resnet20, Head(), 2, data, TrainConfig(epochs=1, batch_size=32, augment=False),
                          progress=False)
-
-
-TINY = {"task": "digits", "train_subset": 128, "test_subset": 64, "backbone_cfg": {"width": 4}, "progress": False}
 
 
 def test_train_ensemble_with_a_joint_trunk_reports_both_arms_at_one_budget():
