@@ -7,8 +7,8 @@
 # every 100 steps), and is started with --resume, so rerunning this script continues where it stopped.
 # Runs at nice 19 with THREADS torch threads each (default 1): meant for a shared machine, in the background:
 #   nohup scripts/run_long.sh > runs/long/queue.log 2>&1 &
-# Logs: $OUT/{lc,partial,ensembles}.log; results: $OUT/lc/accuracy_vs_expansion.json, $OUT/partial.json,
-# $OUT/ensembles.json (each grows by one row per finished arm).
+# Logs: $OUT/{lc,partial,ensembles_s0,ensembles_s1,ensembles_s2}.log; results: $OUT/lc/accuracy_vs_expansion.json, $OUT/partial.json,
+# $OUT/ensembles_s{0,1,2}.json (each grows by one row per finished arm).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/long}
@@ -37,7 +37,10 @@ run lc scripts/reproduce_lc.py --paper --epochs "$EPOCHS" --expansions 1,8,128 -
 # (b) partial learning: Filters(0.1) + BN + head vs everything learned, the project's recipe
 run partial scripts/reproduce_partial.py --epochs "$EPOCHS" --spec "Filters(0.1)+BatchNorm()+Head()" \
     --spec "Full()" --train-subset 0 --out "$OUT/partial.json"
-# (c) the partial-learning paper's Table 4: warm start 1 epoch, then K=5 members of each slice kind
-run ensembles scripts/reproduce_ensembles.py --members 5 --warm-start-epochs 1 --epochs 4 \
-    --train-subset 0 --out "$OUT/ensembles.json"
+# (c) the partial-learning paper's Table 4, its recipe: the full net trains 1 epoch, then K=5 members of each
+#     slice kind train 1 more epoch each from it (FC / Filters 0.1, 0.4, 0.7 / Full), seeds 0, 1 and 2
+for seed in 0 1 2; do
+  run "ensembles_s$seed" scripts/reproduce_ensembles.py --members 5 --warm-start-epochs 1 --epochs 1 \
+      --train-subset 0 --test-subset 0 --seed "$seed" --out "$OUT/ensembles_s$seed.json"
+done
 echo "$(date -u +%FT%TZ) queue finished"

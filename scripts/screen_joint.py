@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Screen joint-trunk ensembles (``train_ensemble(..., trunk="joint")``) from snapshots of one single run.
+r"""Screen joint-trunk ensembles (``train_ensemble(..., trunk="joint")``) from snapshots of one single run.
 
 One single model trains for the budget (3 epochs of Fashion-MNIST, the default recipe: lr 0.05 cosine,
 label smoothing 0.1, crop + flip, precise BN over 20 batches) and is evaluated: that is the baseline,

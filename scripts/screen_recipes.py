@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Screen cheap-ensemble recipes at one equal budget (in single-model steps) against one full model.
+r"""Screen cheap-ensemble recipes at one equal budget (in single-model steps) against one full model.
 
     python scripts/screen_recipes.py --budget 120 --log runs/screen.jsonl --arm single \
         --arm "Filters(0.125,stages=['block3'])+BatchNorm(stages=['block3'])+Head()|2|0.75|backbone|own|0.02" \

@@ -352,3 +352,15 @@ def test_a_bad_member_option_is_a_usage_error_naming_it(item, message, capsys):
         train_ensemble.member_config(train_ensemble.parser(), TrainConfig(), [item])
     assert info.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_help_prints_example_commands_as_written(job, capsys):
+    """A ``\\``-continued example in a job's docstring stays two lines in ``-h`` (a plain docstring joins them)."""
+    source = (REPO / "shared_backbone" / "cli" / f"{JOBS[job][0]}.py").read_text()
+    continued = [line.strip() for line in source.split('"""')[1].splitlines() if line.endswith(" \\")]
+    with pytest.raises(SystemExit):
+        cli_main([job, "--help"])
+    out = capsys.readouterr().out
+    for line in continued:
+        assert line in {o.strip() for o in out.splitlines()}, (job, line)

@@ -1,4 +1,4 @@
-"""The library's cheap ensemble next to its peers at one wall-clock budget: one table, JSON + PNG.
+r"""The library's cheap ensemble next to its peers at one wall-clock budget: one table, JSON + PNG.
 
     shared-backbone compare-peers --out results/peers                      # the default recipe, full data
     shared-backbone compare-peers --budget-epochs 0 --warm-start-epochs 0 --epochs 2 --members 4 \

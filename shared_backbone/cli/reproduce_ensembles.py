@@ -1,4 +1,4 @@
-"""The partial-learning paper's ensemble table (its Table 4) on Fashion-MNIST.
+r"""The partial-learning paper's ensemble table (its Table 4) on Fashion-MNIST.
 
     shared-backbone reproduce-ensembles --members 5 --warm-start-epochs 1 --epochs 1
     shared-backbone reproduce-ensembles --members 5 --warm-start-epochs 1 --epochs 4 \

@@ -1,4 +1,4 @@
-"""The LC paper on a CPU: accuracy vs expansion E for frozen random vs learned spatial filters.
+r"""The LC paper on a CPU: accuracy vs expansion E for frozen random vs learned spatial filters.
 
     shared-backbone reproduce-lc --table1                  # Table 1 parameter counts (no training)
     shared-backbone reproduce-lc --table3                  # checkpoint sizes (Table 3's last column)

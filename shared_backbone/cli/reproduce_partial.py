@@ -1,4 +1,4 @@
-"""The partial-learning comparison on Fashion-MNIST: the same recipe for every slice kind.
+r"""The partial-learning comparison on Fashion-MNIST: the same recipe for every slice kind.
 
     shared-backbone reproduce-partial --epochs 2 --train-subset 10000
     shared-backbone reproduce-partial --epochs 15 --spec "Filters(0.1)+BatchNorm()+Head()" --spec "Full()" \

@@ -1,4 +1,4 @@
-"""Train a cheap ensemble on one frozen backbone and, in the same run, one full model at the same cost.
+r"""Train a cheap ensemble on one frozen backbone and, in the same run, one full model at the same cost.
 
 By default (the recipe measured to do best at this budget, see docs/RESULTS.md): the budget of 3 epochs
 of one full model; a single model's run covers the first 2.7 epochs of its cosine schedule and is frozen
