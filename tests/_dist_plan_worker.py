@@ -40,6 +40,8 @@ def main() -> None:
     plan = {"timing": report["baseline"]["timing"], "baseline_steps": report["baseline"]["steps"],
             "ensemble_steps": report["ensemble"]["steps"]}
     Path(sys.argv[1], f"rank{acc.process_index}.json").write_text(json.dumps(plan))
+    acc.wait_for_everyone()  # no process leaves while another still uses the group (rank 0 aborted at exit once)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
