@@ -7,8 +7,8 @@
 # every 100 steps), and is started with --resume, so rerunning this script continues where it stopped.
 # Runs at nice 19 with THREADS torch threads each (default 1): meant for a shared machine, in the background:
 #   nohup scripts/run_long.sh > runs/long/queue.log 2>&1 &
-# Logs: $OUT/{lc,partial,ensembles_s0,ensembles_s1,ensembles_s2}.log; results: $OUT/lc/accuracy_vs_expansion.json, $OUT/partial.json,
-# $OUT/ensembles_s{0,1,2}.json (each grows by one row per finished arm).
+# Logs: $OUT/{lc,partial}.log and $OUT/ensembles_s{0,1,2}.log; results: $OUT/lc/accuracy_vs_expansion.json,
+# $OUT/partial.json, $OUT/ensembles_s{0,1,2}.json (each grows by one row per finished arm).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/long}
