@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from shared_backbone import Ensemble, FrozenBackbone, build_backbone, parse_spec
+from shared_backbone import late_phase
 from shared_backbone.late_phase import train_late_phase
 from shared_backbone.metrics import evaluate_ensemble
 from shared_backbone.recipes import _config_for_steps, _ood_set, load_train_test
@@ -46,6 +47,47 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-subset", type=int, default=0, help="0 = all 60,000 images")
     return ap
+
+
+_plain_step = late_phase._step
+
+
+def _jigsaw(x: torch.Tensor, patch: int, g: torch.Generator) -> torch.Tensor:
+    """Each image's patches (``patch`` pixels square) shuffled: local texture kept, shape destroyed."""
+    n, c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    t = x[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    t = t.reshape(n, gh * gw, c, patch, patch)
+    order = torch.argsort(torch.rand(n, gh * gw, generator=g), dim=1)
+    t = t[torch.arange(n)[:, None], order].reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return t.reshape(n, c, gh * patch, gw * patch)
+
+
+def _diversity(field: str | None) -> None:
+    """DIV = 'jigsawP:LAM:N': each step also shows N jigsawed images to the stepping member and, without
+    gradient, to the others; the loss adds LAM x the probability that it agrees with the others' mean."""
+    if not field:
+        late_phase._step = _plain_step
+        return
+    kind, lam, n = field.split(":")[:3]
+    patch, lam, n = int(kind.removeprefix("jigsaw")), float(lam), int(n)
+    g = torch.Generator().manual_seed(1234)
+
+    def step(model, opt, x, y, member, label_smoothing):
+        xt = late_phase._layout(_jigsaw(x[:n], patch, g))
+        others = [j for j in range(model.members) if j != member]
+        with torch.no_grad():
+            q = torch.stack([model(xt, j).float().softmax(-1) for j in others]).mean(0)
+        logits = model(late_phase._layout(x), member)
+        p = model(xt, member).float().softmax(-1)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = loss + lam * (p * q).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return logits.detach()
+
+    late_phase._step = step
 
 
 def main(argv=None) -> None:
@@ -68,10 +110,14 @@ def main(argv=None) -> None:
             f.write(json.dumps(row) + "\n")
 
     def evaluate(model, name: str, extra: dict) -> None:
-        m = evaluate_ensemble(predict(model, test, 1000), test.y.cpu(), predict(model, ood, 1000))
+        logits, ood_logits = predict(model, test, 1000), predict(model, ood, 1000)
+        m = evaluate_ensemble(logits, test.y.cpu(), ood_logits)
+        each = [evaluate_ensemble(logits[k:k + 1], test.y.cpu(), ood_logits[k:k + 1]) for k in range(len(logits))]
         log({"arm": name, "seed": a.seed, "acc": m["accuracy"], "nll": m["nll"], "ece": m["ece"], "brier": m["brier"],
              "auroc_mp": m["ood_auroc_max_prob"], "auroc_mi": m.get("ood_auroc_mutual_info"),
-             "mean_member_acc": m["mean_member_accuracy"], "disagree": m["disagreement"], **extra})
+             "mean_member_acc": m["mean_member_accuracy"], "disagree": m["disagreement"],
+             "member_auroc_mp": [e["ood_auroc_max_prob"] for e in each], "member_nll": m["member_nll"],
+             "member_ece": [e["ece"] for e in each], **extra})
 
     if not all(p.exists() for p in snap.values()):  # the single run, once: the baseline and every warm start
         single = Ensemble(FrozenBackbone(build_backbone("resnet20", **sizes), seed=a.seed), Full(), members=1,
@@ -86,10 +132,12 @@ def main(argv=None) -> None:
         record = fit(single, train, None, _config_for_steps(full, budget, len(train)), progress=False, on_step=keep)
         evaluate(single, "single", {"steps": record["steps"], "train_s": time.perf_counter() - t0})
     for arm in a.arm:
-        name, spec, k, warm, init, ls, slice_lr = arm.split("|")
+        name, spec, k, warm, init, ls, slice_lr, *div = arm.split("|")
+        _diversity(div[0] if div else None)
+        cost = float(div[0].split(":")[3]) if div and div[0].count(":") == 3 else 1.0
         trunk = build_backbone("resnet20", **sizes)
         trunk.load_state_dict(torch.load(snap[warm]))
-        steps = budget - warms[warm]
+        steps = round((budget - warms[warm]) / cost)
         config = _config_for_steps(TrainConfig(seed=a.seed, precise_bn=20, label_smoothing=float(ls)), steps,
                                    len(train))
         config = TrainConfig.from_dict({**asdict(config), "schedule_from": warms[warm] / budget})

@@ -8,6 +8,13 @@ the step updates that member's slice and the whole trunk. A step costs one model
 sees every batch, each member's slice one batch in K. At the end the trunk is frozen (stored once
 beside the slices, like a warm start) and the members are an ordinary :class:`Ensemble` on it.
 
+``diversity=Diversity(...)`` adds a term that pushes the members apart *off* the data: each step, some
+of the batch's images are cut into patches and shuffled (:func:`jigsaw`: local texture kept, the object
+gone) and the stepping member is penalised for agreeing with the others' mean prediction on them
+(D-BAT's idea, Pagliardini et al., ICLR 2023, with self-made outliers). A single model cannot disagree
+with itself, so this is a lever only an ensemble has; it costs more per step, and the step is timed
+with it.
+
 ``LatePhase`` holds the trunk (a plain module, every weight trainable) and K slices keyed by the
 backbone's parameter names, kept apart; ``forward(x, member)`` merges them with ``functional_call``
 as the ensemble's template does. Training code lives in :func:`train_late_phase`.
@@ -17,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +38,81 @@ from .frozen import FrozenBackbone
 from .slices import SliceSpec
 from .train import NonFiniteLoss, TrainConfig, _cosine, _steps_per_epoch, recalibrate_bn
 
-__all__ = ["LatePhase", "train_late_phase"]
+__all__ = ["Diversity", "LatePhase", "jigsaw", "train_late_phase"]
+
+
+def jigsaw(x: torch.Tensor, patch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's ``patch`` x ``patch`` tiles put in a random order of its own (pixels past the last
+    whole tile stay where they are): an outlier that keeps the data's local statistics.
+
+    Shape: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"jigsaw takes images (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if not isinstance(patch, int) or not 1 <= patch <= min(h, w):
+        raise ValueError(f"jigsaw patch must be an integer in [1, {min(h, w)}] for {h}x{w} images, got {patch!r}")
+    gh, gw = h // patch, w // patch
+    tiles = x[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(n, gh * gw, c, patch, patch)
+    order = torch.argsort(torch.rand(n, gh * gw, generator=generator), dim=1).to(x.device)
+    tiles = tiles[torch.arange(n, device=x.device)[:, None], order]
+    out = x.clone()
+    out[:, :, :gh * patch, :gw * patch] = tiles.reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5
+                                                                                          ).reshape(n, c, gh * patch, gw * patch)
+    return out
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """Members made to disagree on self-made outliers (see the module docstring).
+
+    Args:
+        weight: the term's weight against the cross-entropy (> 0).
+        patch: the tile side in pixels of :func:`jigsaw` (14 on 28x28 images: 4 tiles).
+        batch: how many of each batch's images become outliers (the first ``batch`` of it).
+    """
+    weight: float = 1.0
+    patch: int = 14
+    batch: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
+                math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"Diversity weight must be a finite number > 0, got {self.weight!r}")
+        for name in ("patch", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Diversity {name} must be a positive integer, got {v!r}")
+
+    @classmethod
+    def parse(cls, items) -> "Diversity":
+        """From ``KEY=VALUE`` strings (``weight=1``, ``patch=14``, ``batch=32``); unknown keys and bad
+        values are errors naming them."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"diversity takes KEY=VALUE with KEY one of {', '.join(kinds)}, got {item!r}")
+            kind = float if key == "weight" else int
+            try:
+                values[key] = kind(text)
+            except ValueError:
+                raise ValueError(f"diversity {key}={text!r}: expected {kind.__name__}") from None
+        return cls(**values)
+
+    def loss(self, model: "LatePhase", x: torch.Tensor, member: int, generator: torch.Generator | None
+             ) -> torch.Tensor:
+        """``weight`` x the mean probability that ``member`` and the others' mean pick the same class
+        on jigsawed images of ``x`` (gradient through ``member`` only)."""
+        outliers = _layout(jigsaw(x[:self.batch], self.patch, generator))
+        with torch.no_grad():
+            others = torch.stack([model(outliers, j).float().softmax(-1)
+                                  for j in range(model.members) if j != member]).mean(0)  # (n, C)
+        mine = model(outliers, member).float().softmax(-1)  # (n, C)
+        return self.weight * (mine * others).sum(-1).mean()
 
 
 def _merge(trunk: torch.Tensor, learned: torch.Tensor, sl) -> torch.Tensor:
@@ -108,11 +189,13 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, label_smoothing: float
-          ) -> torch.Tensor:
+def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, label_smoothing: float,
+          diversity: Diversity | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One optimizer step of member ``member`` and the trunk on ``(x, y)``; returns the logits (detached)."""
     logits = model(_layout(x), member)  # (N, C)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    if diversity is not None:
+        loss = loss + diversity.loss(model, x, member, generator)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"late-phase loss became {loss.item()} (member {member}); lower lr or check the "
                             "inputs for NaN")
@@ -122,16 +205,29 @@ def _step(model: LatePhase, opt, x: torch.Tensor, y: torch.Tensor, member: int, 
     return logits.detach()
 
 
-def timing_step(model: LatePhase, x: torch.Tensor, y: torch.Tensor, momentum: float):
-    """One late-phase step on the batch ``(x, y)``, as a function to time (``model`` is a throwaway)."""
+def timing_step(model: LatePhase, x: torch.Tensor, y: torch.Tensor, momentum: float,
+                diversity: Diversity | None = None):
+    """One late-phase step on the batch ``(x, y)`` (with its diversity term, if any), as a function to
+    time (``model`` is a throwaway)."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=momentum)
     model.train_layout().train()
-    return lambda: _step(model, opt, x, y, 0, 0.0)
+    g = torch.Generator().manual_seed(0)
+    return lambda: _step(model, opt, x, y, 0, 0.0, diversity, g)
+
+
+def check_diversity(diversity, members: int) -> None:
+    """A diversity term needs a :class:`Diversity` and at least two members to disagree."""
+    if diversity is None:
+        return
+    if not isinstance(diversity, Diversity):
+        raise TypeError(f"diversity must be a Diversity(...) or None, got {type(diversity).__name__}")
+    if members < 2:
+        raise ValueError(f"diversity makes members disagree: it needs K >= 2 members, got {members}")
 
 
 def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: TensorData, config: TrainConfig, *,
                      member_init: str = "backbone", seed: int = 0, slice_lr_scale: float = 1.0,
-                     progress: bool = True) -> tuple[Ensemble, dict]:
+                     diversity: Diversity | None = None, progress: bool = True) -> tuple[Ensemble, dict]:
     """Train K members' slices and the trunk under them, one member per step in turn; return the
     ensemble (trunk frozen at the end, precise BN per member when ``config.precise_bn``) and a record.
 
@@ -140,6 +236,8 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     smoothing, augmentation and seed. Every member sees the same seeded batch stream, one batch in K.
     ``slice_lr_scale`` multiplies the members' slices' learning rate (the trunk keeps ``config.lr``),
     on the same cosine: members that move further apart while the trunk anneals as one model's would.
+    ``diversity``: a :class:`Diversity` term added to each step's loss (its outliers drawn from a
+    generator seeded by ``config.seed``).
     """
     if not (isinstance(slice_lr_scale, (int, float)) and math.isfinite(slice_lr_scale) and slice_lr_scale > 0):
         raise ValueError(f"slice_lr_scale must be a finite number > 0, got {slice_lr_scale!r}")
@@ -147,6 +245,8 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
         raise ValueError(f"members must be a positive integer (K >= 1), got {members!r}")
     if len(train) == 0:
         raise ValueError("the training set is empty: nothing to train on")
+    check_diversity(diversity, members)
+    outliers = torch.Generator().manual_seed(config.seed * 100_003 + 7)
     model = LatePhase(module, spec, members, member_init=member_init, seed=seed)
     device = next(module.parameters()).device
     model.to(device).train_layout().train()
@@ -163,7 +263,7 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
             if i >= steps:
                 break
             x, y = x.to(device), y.to(device)
-            logits = _step(model, opt, x, y, step % members, config.label_smoothing)
+            logits = _step(model, opt, x, y, step % members, config.label_smoothing, diversity, outliers)
             sched.step()
             step += 1
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -183,4 +283,5 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
         recalibrate_bn(ens, train, config.precise_bn, config.batch_size, config.seed)
     return ens, {"config": asdict(config), "history": history,
                  "train_seconds": seconds, "steps": step, "members_per_step": 1, "slice_lr_scale": slice_lr_scale,
+                 "diversity": asdict(diversity) if diversity is not None else None,
                  "steps_per_member": [len(range(i, step, members)) for i in range(members)]}

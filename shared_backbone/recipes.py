@@ -152,13 +152,14 @@ def _ood_set(ood: str | None, card) -> TensorData | None:
     return TensorData.from_uint8(images, torch.zeros(len(images), dtype=torch.int64), card.mean, card.std)
 
 
-def _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk="frozen") -> dict:
+def _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk="frozen",
+          diversity=None) -> dict:
     """One step of the ensemble (one member and the trunk, for a joint trunk) and one of a full model,
     timed interleaved."""
     single = Ensemble(random_frozen, Full(), members=1, member_init="backbone")
     if trunk == "joint":
         ensemble_step = late_phase.timing_step(late_phase.LatePhase(random_frozen.backbone, spec, members),
-                                               *_timing_batch(train, config), config.momentum)
+                                               *_timing_batch(train, config), config.momentum, diversity)
     else:
         ensemble_step = _step_fn(Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
                                           vectorized=vectorized), train, config)
@@ -212,7 +213,7 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
                    task: str = "fashion_mnist", config: TrainConfig | None = None, warm_start_epochs: float = 0,
                    full_config: TrainConfig | None = None, member_init: str | None = None,
                    budget_epochs: float | None = None, schedule: str = "restart", trunk: str = "frozen",
-                   slice_lr_scale: float = 1.0,
+                   slice_lr_scale: float = 1.0, diversity: late_phase.Diversity | None = None,
                    train_subset: int | None = None, test_subset: int | None = None, data: str = "shared",
                    seed: int = 0, ood: str | None = "mnist5k", baseline: str = "single",
                    deep_members: int | None = None, out_dir: str | Path | None = None,
@@ -253,6 +254,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     the trunk goes on training under the members, one member per step in turn, and is frozen at the
     end (:mod:`.late_phase`, late-phase weights; one process, ``data="shared"``, no checkpoints).
     ``slice_lr_scale`` (joint only) sets the slices' lr as a multiple of the trunk's.
+    ``diversity`` (joint only): a :class:`~shared_backbone.late_phase.Diversity` term that makes the
+    members disagree on self-made outliers; the step is timed with it, so it costs the members steps.
 
     ``accelerator``, ``parallel``, ``resume`` and ``checkpoint_every`` go to the ensemble's
     :func:`~shared_backbone.train.fit`.
@@ -266,6 +269,10 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     accelerator = accelerator or make_accelerator()  # the same one for every phase, and for the plan
     if trunk == "joint":
         check_joint(data, resume, checkpoint_every, accelerator, slice_lr_scale)
+        late_phase.check_diversity(diversity, members)
+    elif diversity is not None:
+        raise ValueError("diversity trains the members against each other on outliers, one member per step: it "
+                         "needs trunk='joint'")
     elif slice_lr_scale != 1.0:
         raise ValueError(f"slice_lr_scale ({slice_lr_scale!r}) scales the slices' lr against the trunk's: it needs "
                          "trunk='joint' (with a frozen trunk set the members' lr in config)")
@@ -298,7 +305,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     timing: dict = {}
     if baseline != "none" or budget_epochs is not None or schedule == "shared":
         random_frozen = FrozenBackbone(build_backbone(backbone, **cfg), seed=seed)
-        timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk)
+        timing = _cost(spec, members, data, vectorized, random_frozen, train, config, full_config, clock, trunk,
+                       diversity)
         timing = main_process_value(timing, accelerator)  # one plan for every process, or they hang
     plan = _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing)
     timing.update({k: plan[k] for k in ("warm_steps", "ensemble_steps", "budget_single_steps")})
@@ -329,7 +337,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
     if trunk == "joint":  # the trunk goes on training under the members: frozen only at the end
         ens, record = late_phase.train_late_phase(frozen.backbone, spec, members, train, member_config,
                                                   member_init=member_init, seed=seed,
-                                                  slice_lr_scale=slice_lr_scale, progress=progress)
+                                                  slice_lr_scale=slice_lr_scale, diversity=diversity,
+                                                  progress=progress)
         ens.vectorized, frozen = vectorized, ens.frozen
     else:
         ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
@@ -348,7 +357,8 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         "task": task, "backbone": backbone, "backbone_config": cfg, "spec": repr(spec), "members": members,
         "data": data, "member_init": member_init, "warm_start_epochs": warm_start_epochs,
         "budget_epochs": budget_epochs, "schedule": schedule, "trunk": trunk,
-        "slice_lr_scale": slice_lr_scale if trunk == "joint" else None, "schedule_split": plan.get("schedule_split"),
+        "slice_lr_scale": slice_lr_scale if trunk == "joint" else None,
+        "diversity": asdict(diversity) if diversity is not None else None, "schedule_split": plan.get("schedule_split"),
         "train_size": len(train), "test_size": len(test),
         "fingerprint": frozen.fingerprint, "train": {k: v for k, v in record.items() if k != "test"},
         "warm_start_seconds": warm_seconds, "wall_seconds": time.perf_counter() - t0,

@@ -185,3 +185,128 @@ def test_a_joint_trunk_with_what_it_cannot_do_is_a_usage_error(argv, message, tm
     assert info.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- members that disagree off the data
+
+def test_jigsaw_shuffles_each_images_whole_tiles_and_leaves_the_rest_in_place():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(3 * 2 * 5 * 5, dtype=torch.float32).reshape(3, 2, 5, 5)  # 5x5, tiles of 2: a 1-pixel rim
+    out = late_phase.jigsaw(x, 2, g)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[:, :, 4, :], x[:, :, 4, :])  # the rim past the last whole tile stays
+    torch.testing.assert_close(out[:, :, :, 4], x[:, :, :, 4])
+    moved = 0
+    for i in range(3):
+        tiles_in = [x[i, :, r:r + 2, c:c + 2] for r in (0, 2) for c in (0, 2)]
+        tiles_out = [out[i, :, r:r + 2, c:c + 2] for r in (0, 2) for c in (0, 2)]
+        # every output tile is one of this image's tiles (its channels together), each used once
+        used = sorted(next(j for j, t in enumerate(tiles_in) if torch.equal(t, o)) for o in tiles_out)
+        assert used == [0, 1, 2, 3]
+        moved += sum(not torch.equal(a, b) for a, b in zip(tiles_in, tiles_out))
+    assert moved > 0
+    torch.testing.assert_close(late_phase.jigsaw(x, 5, g), x)  # one tile: nothing to shuffle
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"patch": 0}, r"patch must be an integer in \[1, 5\] for 5x5 images, got 0"),
+    ({"patch": 6}, r"got 6"),
+    ({"patch": 2.0}, r"got 2.0"),
+])
+def test_jigsaw_refuses_a_tile_that_does_not_fit(bad, match):
+    with pytest.raises(ValueError, match=match):
+        late_phase.jigsaw(torch.zeros(1, 1, 5, 5), **bad)
+    with pytest.raises(ValueError, match=r"images \(N, C, H, W\), got shape \(5, 5\)"):
+        late_phase.jigsaw(torch.zeros(5, 5), 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weight": 0}, "weight must be a finite number > 0, got 0"),
+    ({"weight": float("nan")}, "weight must be a finite number > 0, got nan"),
+    ({"weight": True}, "weight must be a finite number > 0, got True"),
+    ({"patch": 0}, "patch must be a positive integer, got 0"),
+    ({"batch": 2.5}, "batch must be a positive integer, got 2.5"),
+])
+def test_a_bad_diversity_is_refused_naming_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        late_phase.Diversity(**kwargs)
+
+
+def test_diversity_parses_key_values_and_names_a_bad_one():
+    assert late_phase.Diversity.parse(["weight=2", "patch=7"]) == late_phase.Diversity(2.0, 7, 32)
+    assert late_phase.Diversity.parse([]) == late_phase.Diversity()
+    with pytest.raises(ValueError, match="KEY one of weight, patch, batch, got 'size=3'"):
+        late_phase.Diversity.parse(["size=3"])
+    with pytest.raises(ValueError, match="diversity patch='x': expected int"):
+        late_phase.Diversity.parse(["patch=x"])
+
+
+def test_the_diversity_term_is_the_agreement_of_one_member_with_the_others_mean(tiny_resnet20):
+    late = LatePhase(tiny_resnet20, LAST_STAGE, members=3, member_init="random", seed=4).eval()
+    div = late_phase.Diversity(weight=2.0, patch=14, batch=5)
+    x = _data().x[:9]
+    loss = div.loss(late, x, 1, torch.Generator().manual_seed(3))
+    # by hand: the same outliers through plain modules, member 1 against the mean of members 0 and 2
+    outliers = late_phase.jigsaw(x[:5], 14, torch.Generator().manual_seed(3))
+    p = [_plain_member(late.trunk, late, i).eval()(outliers).softmax(-1) for i in range(3)]
+    expected = 2.0 * (p[1] * (p[0] + p[2]) / 2).sum(-1).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    # the gradient reaches the stepping member's slice and the trunk, never the others' slices
+    loss.backward()
+    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in late.slices[1].values())
+    assert all(t.grad is None for i in (0, 2) for t in late.slices[i].values())
+
+
+def test_training_with_the_diversity_term_makes_members_disagree_more_off_the_data(tiny_resnet20):
+    data = _data(n=96)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, augment=False)
+    div = late_phase.Diversity(weight=5.0, patch=14, batch=32)
+    probe = late_phase.jigsaw(_data(n=64, seed=9).x, 14, torch.Generator().manual_seed(5))
+
+    def agreement(diversity):
+        torch.manual_seed(0)
+        ens, record = train_late_phase(tiny_resnet20, LAST_STAGE, 2, data, cfg, member_init="random", seed=1,
+                                       diversity=diversity, progress=False)
+        with torch.no_grad():
+            p = ens.eval()(probe).softmax(-1)  # (K, N, C)
+        return (p[0] * p[1]).sum(-1).mean().item(), record
+
+    plain, _ = agreement(None)
+    pushed, record = agreement(div)
+    assert record["diversity"] == {"weight": 5.0, "patch": 14, "batch": 32}
+    assert pushed < plain
+
+
+def test_diversity_needs_a_joint_trunk_and_two_members(tiny_resnet20):
+    div = late_phase.Diversity()
+    with pytest.raises(ValueError, match="diversity .* needs trunk='joint'"):
+        train_ensemble(Head(), diversity=div, **TINY)
+    with pytest.raises(ValueError, match="needs K >= 2 members, got 1"):
+        train_late_phase(tiny_resnet20, Head(), 1, _data(), TrainConfig(epochs=1), diversity=div, progress=False)
+    with pytest.raises(TypeError, match="Diversity\\(...\\) or None, got dict"):
+        train_late_phase(tiny_resnet20, Head(), 2, _data(), TrainConfig(epochs=1), diversity={"weight": 1},
+                         progress=False)
+
+
+def test_the_main_job_times_and_reports_the_diversity_term(tmp_path):
+    from shared_backbone.cli import train_ensemble as job
+    report = job.main(["--task", "digits", "--trunk", "joint", "--diversity", "weight=2", "--diversity", "batch=8",
+                       "--members", "2", "--width", "4", "--budget-epochs", "2", "--warm-start-epochs", "1",
+                       "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--precise-bn", "1",
+                       "--ood", "none", "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    assert report["diversity"] == report["train"]["diversity"] == {"weight": 2.0, "patch": 14, "batch": 8}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trunk", "frozen", "--diversity", "weight=1"], "--diversity needs --trunk joint"),
+    (["--trunk", "joint", "--diversity", "weight=-1"], "--diversity: Diversity weight must be a finite number > 0"),
+    (["--trunk", "joint", "--diversity", "tiles=4"], "--diversity: diversity takes KEY=VALUE"),
+    (["--trunk", "joint", "--members", "1", "--diversity", "weight=1"], "needs K >= 2 members, got 1"),
+])
+def test_a_bad_diversity_flag_is_a_usage_error(argv, message, tmp_path, capsys):
+    from shared_backbone.cli import train_ensemble as job
+    with pytest.raises(SystemExit) as info:
+        job.main([*argv, "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "run").exists()

@@ -27,6 +27,7 @@ import torch
 from ..backbones import build_backbone
 from ..distributed import make_accelerator
 from ..io import write_json
+from ..late_phase import Diversity, check_diversity
 from ..plots import plot_ensemble_report
 from ..recipes import check_joint, format_report, train_ensemble
 from ..saving import save_ensemble
@@ -88,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
                          "on training under them, one member per step in turn (late-phase weights), frozen at the end")
     ap.add_argument("--slice-lr-scale", type=float, default=1.0,
                     help="with --trunk joint: the members' slices learn at this multiple of the trunk's lr")
+    ap.add_argument("--diversity", action="append", default=None, metavar="KEY=VALUE",
+                    help="with --trunk joint: make the members disagree on jigsawed outliers (D-BAT's idea); "
+                         "weight=W (default 1), patch=P pixels (default 14), batch=N images a step (default 32); "
+                         "'--diversity weight=1' turns it on with the defaults")
     ap.add_argument("--member-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="a training field that differs for the members (repeatable; default: "
                          f"{' '.join(MEMBER_DEFAULTS)}; pass --member-opt label_smoothing=0.1 for the same recipe)")
@@ -133,16 +138,24 @@ def main(argv=None) -> dict:
             check_joint(args.data, args.resume, args.checkpoint_every, accelerator, args.slice_lr_scale)
         except ValueError as err:
             ap.error(str(err))
+    elif args.diversity is not None:
+        ap.error("--diversity needs --trunk joint (the members disagree one step at a time on a trunk that trains)")
     elif args.slice_lr_scale != 1.0:
         ap.error(f"--slice-lr-scale {args.slice_lr_scale} needs --trunk joint (a frozen trunk has no lr of its own; "
                  "set the members' with --member-opt lr=...)")
+    try:
+        diversity = Diversity.parse(args.diversity) if args.diversity is not None else None
+        if diversity is not None:
+            check_diversity(diversity, args.members)
+    except ValueError as err:
+        ap.error(f"--diversity: {err}")
     try:
         spec = parse_spec(default_slice(args.backbone, backbone_cfg) if args.slice is None else args.slice)
         ens, report, arrays = train_ensemble(
             spec, members=args.members, backbone=args.backbone, backbone_cfg=backbone_cfg,
             task=args.task, config=members_config, full_config=config, warm_start_epochs=args.warm_start_epochs,
             budget_epochs=args.budget_epochs or None, schedule=schedule,
-            trunk=args.trunk, slice_lr_scale=args.slice_lr_scale,
+            trunk=args.trunk, slice_lr_scale=args.slice_lr_scale, diversity=diversity,
             train_subset=args.train_subset or None, test_subset=args.test_subset or None, data=args.data,
             seed=args.seed, ood=None if args.ood == "none" else args.ood, out_dir=out,
             progress=not args.no_progress, vectorized=execution == "vmap", accelerator=accelerator,
