@@ -10,8 +10,10 @@ single-model steps, finishing the same cosine, and is evaluated on the same test
 The snapshots are cached (``--cache``), so arms can be added later without training the single
 model again.
 
-An arm is ``NAME|SPEC|K|WARM|INIT|LS|SLICE_LR``: WARM one of ``--warms``; INIT backbone or random;
-LS the late phase's label smoothing; SLICE_LR the slices' lr as a multiple of the trunk's.
+An arm is ``NAME|SPEC|K|WARM|INIT|LS|SLICE_LR[|DIV]``: WARM one of ``--warms``; INIT backbone or random;
+LS the late phase's label smoothing; SLICE_LR the slices' lr as a multiple of the trunk's; DIV
+``jigsawP:W:N[:COST]`` adds ``Diversity(weight=W, patch=P, batch=N)`` and divides the arm's steps by
+COST, its step's cost in single-model steps (measured beforehand), so that every arm costs the same.
 
     python scripts/screen_joint.py --log runs/joint.jsonl --cache runs/joint_cache --warms 2.0 \
         --arm "k3|Filters(0.125, stages=['block3']) + BatchNorm(stages=['block3']) + Head()|3|2.0|backbone|0.1|1"
@@ -27,8 +29,7 @@ from pathlib import Path
 import torch
 
 from shared_backbone import Ensemble, FrozenBackbone, build_backbone, parse_spec
-from shared_backbone import late_phase
-from shared_backbone.late_phase import train_late_phase
+from shared_backbone.late_phase import Diversity, train_late_phase
 from shared_backbone.metrics import evaluate_ensemble
 from shared_backbone.recipes import _config_for_steps, _ood_set, load_train_test
 from shared_backbone.slices import Full
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warms", default="2.0", help="comma-separated warm starts, in epochs of the single run")
-    ap.add_argument("--arm", action="append", default=[], help="NAME|SPEC|K|WARM|INIT|LS|SLICE_LR (repeatable)")
+    ap.add_argument("--arm", action="append", default=[], help="NAME|SPEC|K|WARM|INIT|LS|SLICE_LR[|DIV] (repeatable)")
     ap.add_argument("--log", required=True, help="JSON lines, one row per arm (appended)")
     ap.add_argument("--cache", required=True, help="folder of the single run's snapshots")
     ap.add_argument("--threads", type=int, default=1)
@@ -49,45 +50,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-_plain_step = late_phase._step
-
-
-def _jigsaw(x: torch.Tensor, patch: int, g: torch.Generator) -> torch.Tensor:
-    """Each image's patches (``patch`` pixels square) shuffled: local texture kept, shape destroyed."""
-    n, c, h, w = x.shape
-    gh, gw = h // patch, w // patch
-    t = x[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
-    t = t.reshape(n, gh * gw, c, patch, patch)
-    order = torch.argsort(torch.rand(n, gh * gw, generator=g), dim=1)
-    t = t[torch.arange(n)[:, None], order].reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return t.reshape(n, c, gh * patch, gw * patch)
-
-
-def _diversity(field: str | None) -> None:
-    """DIV = 'jigsawP:LAM:N': each step also shows N jigsawed images to the stepping member and, without
-    gradient, to the others; the loss adds LAM x the probability that it agrees with the others' mean."""
+def _diversity(field: str | None) -> tuple[Diversity | None, float]:
+    """DIV = 'jigsawP:W:N[:COST]': ``Diversity(weight=W, patch=P, batch=N)``; COST (one step in single-model
+    steps, measured beforehand) divides the arm's steps so that it costs what the others cost."""
     if not field:
-        late_phase._step = _plain_step
-        return
-    kind, lam, n = field.split(":")[:3]
-    patch, lam, n = int(kind.removeprefix("jigsaw")), float(lam), int(n)
-    g = torch.Generator().manual_seed(1234)
-
-    def step(model, opt, x, y, member, label_smoothing):
-        xt = late_phase._layout(_jigsaw(x[:n], patch, g))
-        others = [j for j in range(model.members) if j != member]
-        with torch.no_grad():
-            q = torch.stack([model(xt, j).float().softmax(-1) for j in others]).mean(0)
-        logits = model(late_phase._layout(x), member)
-        p = model(xt, member).float().softmax(-1)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        loss = loss + lam * (p * q).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return logits.detach()
-
-    late_phase._step = step
+        return None, 1.0
+    kind, weight, n, *cost = field.split(":")
+    return (Diversity(weight=float(weight), patch=int(kind.removeprefix("jigsaw")), batch=int(n)),
+            float(cost[0]) if cost else 1.0)
 
 
 def main(argv=None) -> None:
@@ -133,8 +103,7 @@ def main(argv=None) -> None:
         evaluate(single, "single", {"steps": record["steps"], "train_s": time.perf_counter() - t0})
     for arm in a.arm:
         name, spec, k, warm, init, ls, slice_lr, *div = arm.split("|")
-        _diversity(div[0] if div else None)
-        cost = float(div[0].split(":")[3]) if div and div[0].count(":") == 3 else 1.0
+        diversity, cost = _diversity(div[0] if div else None)
         trunk = build_backbone("resnet20", **sizes)
         trunk.load_state_dict(torch.load(snap[warm]))
         steps = round((budget - warms[warm]) / cost)
@@ -143,9 +112,11 @@ def main(argv=None) -> None:
         config = TrainConfig.from_dict({**asdict(config), "schedule_from": warms[warm] / budget})
         t0 = time.perf_counter()
         ens, record = train_late_phase(trunk, parse_spec(spec), int(k), train, config, member_init=init,
-                                       seed=a.seed, slice_lr_scale=float(slice_lr), progress=False)
+                                       seed=a.seed, slice_lr_scale=float(slice_lr), diversity=diversity,
+                                       progress=False)
         evaluate(ens, name, {"spec": spec, "K": int(k), "warm": warm, "init": init, "ls": float(ls),
-                             "slice_lr": float(slice_lr), "steps": record["steps"], "train_s": time.perf_counter() - t0})
+                             "slice_lr": float(slice_lr), "diversity": div[0] if div else None, "steps": record["steps"],
+                             "train_s": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def jigsaw(x: torch.Tensor, patch: int, generator: torch.Generator | None = None
     order = torch.argsort(torch.rand(n, gh * gw, generator=generator), dim=1).to(x.device)
     tiles = tiles[torch.arange(n, device=x.device)[:, None], order]
     out = x.clone()
-    out[:, :, :gh * patch, :gw * patch] = tiles.reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5
-                                                                                          ).reshape(n, c, gh * patch, gw * patch)
+    tiles = tiles.reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    out[:, :, :gh * patch, :gw * patch] = tiles.reshape(n, c, gh * patch, gw * patch)
     return out
 
 
