@@ -74,7 +74,7 @@ class Diversity:
     """
     weight: float = 1.0
     patch: int = 14
-    batch: int = 32
+    batch: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (

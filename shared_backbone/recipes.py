@@ -157,17 +157,24 @@ def _cost(spec, members, data, vectorized, random_frozen, train, config, full_co
     """One step of the ensemble (one member and the trunk, for a joint trunk) and one of a full model,
     timed interleaved."""
     single = Ensemble(random_frozen, Full(), members=1, member_init="backbone")
+    extra = {}
     if trunk == "joint":
-        ensemble_step = late_phase.timing_step(late_phase.LatePhase(random_frozen.backbone, spec, members),
-                                               *_timing_batch(train, config), config.momentum, diversity)
+        batch = _timing_batch(train, config)
+        ensemble_step = late_phase.timing_step(late_phase.LatePhase(random_frozen.backbone, spec, members), *batch,
+                                               config.momentum)
+        if diversity is not None:
+            extra["ensemble_diversity"] = late_phase.timing_step(
+                late_phase.LatePhase(random_frozen.backbone, spec, members), *batch, config.momentum, diversity)
     else:
         ensemble_step = _step_fn(Ensemble(random_frozen, spec, members=members, member_init="backbone", data=data,
                                           vectorized=vectorized), train, config)
-    step_seconds = equal_cost_steps({"ensemble": ensemble_step, "single": _step_fn(single, train, full_config)},
-                                    clock=clock)
+    steps = {"ensemble": ensemble_step, "single": _step_fn(single, train, full_config), **extra}
+    step_seconds = equal_cost_steps(steps, clock=clock)
     ratio = step_seconds["ensemble"] / max(step_seconds["single"], 1e-12)
     if trunk == "joint":  # a joint step does one model's forward and backward and more: never counted as less,
         ratio = max(ratio, 1.0)  # so a faster memory layout never buys the ensemble extra steps
+        if diversity is not None:  # and the diversity term's extra work on top of that, as timed
+            ratio *= max(step_seconds["ensemble_diversity"] / max(step_seconds["ensemble"], 1e-12), 1.0)
     return {"step_seconds": step_seconds, "ensemble_step_in_single_steps": ratio}
 
 

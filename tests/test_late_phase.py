@@ -233,7 +233,7 @@ def test_a_bad_diversity_is_refused_naming_the_value(kwargs, match):
 
 
 def test_diversity_parses_key_values_and_names_a_bad_one():
-    assert late_phase.Diversity.parse(["weight=2", "patch=7"]) == late_phase.Diversity(2.0, 7, 32)
+    assert late_phase.Diversity.parse(["weight=2", "patch=7"]) == late_phase.Diversity(2.0, 7, 16)
     assert late_phase.Diversity.parse([]) == late_phase.Diversity()
     with pytest.raises(ValueError, match="KEY one of weight, patch, batch, got 'size=3'"):
         late_phase.Diversity.parse(["size=3"])
@@ -310,3 +310,22 @@ def test_a_bad_diversity_flag_is_a_usage_error(argv, message, tmp_path, capsys):
     assert info.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diversity_step_is_counted_at_its_extra_cost_over_a_joint_step_never_less_than_one(monkeypatch):
+    # a joint step that times faster than one model's (channels_last) counts as one; the diversity term's
+    # extra work is then added as timed against the plain joint step, so it always costs the members steps
+    from shared_backbone import recipes
+    seen = {}
+
+    def fake(steps, clock=None):
+        seen["names"] = sorted(steps)
+        return {"single": 1.0, "ensemble": 0.8, "ensemble_diversity": 1.0}
+
+    monkeypatch.setattr(recipes, "equal_cost_steps", fake)
+    frozen = sb.FrozenBackbone(sb.build_backbone("resnet20", width=4, in_channels=1, num_classes=5), seed=0)
+    cfg = TrainConfig(batch_size=16)
+    out = recipes._cost(LAST_STAGE, 2, "shared", False, frozen, _data(), cfg, cfg, None, "joint",
+                        late_phase.Diversity(batch=4))
+    assert seen["names"] == ["ensemble", "ensemble_diversity", "single"]
+    assert out["ensemble_step_in_single_steps"] == pytest.approx(1.25)  # max(0.8, 1) x 1.0 / 0.8
