@@ -71,6 +71,9 @@ class Diversity:
         weight: the term's weight against the cross-entropy (> 0).
         patch: the tile side in pixels of :func:`jigsaw` (14 on 28x28 images: 4 tiles).
         batch: how many of each batch's images become outliers (the first ``batch`` of it).
+
+    The outliers run through the network in training mode, so BatchNorm's running statistics see them
+    too; ``TrainConfig(precise_bn=...)`` re-estimates them on the data at the end (the main job's default).
     """
     weight: float = 1.0
     patch: int = 14
@@ -89,7 +92,7 @@ class Diversity:
     def parse(cls, items) -> "Diversity":
         """From ``KEY=VALUE`` strings (``weight=1``, ``patch=14``, ``batch=32``); unknown keys and bad
         values are errors naming them."""
-        kinds = {f.name: f.type for f in fields(cls)}
+        kinds = [f.name for f in fields(cls)]
         values = {}
         for item in items:
             key, sep, text = item.partition("=")
