@@ -115,8 +115,8 @@ def main(argv=None) -> None:
                                        seed=a.seed, slice_lr_scale=float(slice_lr), diversity=diversity,
                                        progress=False)
         evaluate(ens, name, {"spec": spec, "K": int(k), "warm": warm, "init": init, "ls": float(ls),
-                             "slice_lr": float(slice_lr), "diversity": div[0] if div else None, "steps": record["steps"],
-                             "train_s": time.perf_counter() - t0})
+                             "slice_lr": float(slice_lr), "diversity": div[0] if div else None,
+                             "steps": record["steps"], "train_s": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
