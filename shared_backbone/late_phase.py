@@ -92,14 +92,14 @@ class Diversity:
     def parse(cls, items) -> "Diversity":
         """From ``KEY=VALUE`` strings (``weight=1``, ``patch=14``, ``batch=32``); unknown keys and bad
         values are errors naming them."""
-        kinds = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls)]
         values = {}
         for item in items:
             key, sep, text = item.partition("=")
             key = key.strip()
-            if not sep or key not in kinds:
-                raise ValueError(f"diversity takes KEY=VALUE with KEY one of {', '.join(kinds)}, got {item!r}")
-            kind = float if key == "weight" else int
+            if not sep or key not in names:
+                raise ValueError(f"diversity takes KEY=VALUE with KEY one of {', '.join(names)}, got {item!r}")
+            kind = type(getattr(cls, key))  # the default's type: float for weight, int for patch and batch
             try:
                 values[key] = kind(text)
             except ValueError:
