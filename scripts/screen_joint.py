@@ -12,8 +12,8 @@ model again.
 
 An arm is ``NAME|SPEC|K|WARM|INIT|LS|SLICE_LR[|DIV]``: WARM one of ``--warms``; INIT backbone or random;
 LS the late phase's label smoothing; SLICE_LR the slices' lr as a multiple of the trunk's; DIV
-``jigsawP:W:N[:COST]`` adds ``Diversity(weight=W, patch=P, batch=N)`` and divides the arm's steps by
-COST, its step's cost in single-model steps (measured beforehand), so that every arm costs the same.
+``jigsawP:W:N[:COST[:REACH]]`` adds ``Diversity(weight=W, patch=P, batch=N, reach=REACH)`` and divides the
+arm's steps by COST, its step's cost in single-model steps (measured beforehand), so that every arm costs the same.
 
     python scripts/screen_joint.py --log runs/joint.jsonl --cache runs/joint_cache --warms 2.0 \
         --arm "k3|Filters(0.125, stages=['block3']) + BatchNorm(stages=['block3']) + Head()|3|2.0|backbone|0.1|1"
@@ -51,13 +51,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _diversity(field: str | None) -> tuple[Diversity | None, float]:
-    """DIV = 'jigsawP:W:N[:COST]': ``Diversity(weight=W, patch=P, batch=N)``; COST (one step in single-model
-    steps, measured beforehand) divides the arm's steps so that it costs what the others cost."""
+    """DIV = 'jigsawP:W:N[:COST[:REACH]]': ``Diversity(weight=W, patch=P, batch=N, reach=REACH)``; COST (one step
+    in single-model steps, measured beforehand) divides the arm's steps so that it costs what the others cost."""
     if not field:
         return None, 1.0
-    kind, weight, n, *cost = field.split(":")
-    return (Diversity(weight=float(weight), patch=int(kind.removeprefix("jigsaw")), batch=int(n)),
-            float(cost[0]) if cost else 1.0)
+    kind, weight, n, *rest = field.split(":")
+    reach = rest[1] if len(rest) > 1 else "trunk"
+    return (Diversity(weight=float(weight), patch=int(kind.removeprefix("jigsaw")), batch=int(n), reach=reach),
+            float(rest[0]) if rest else 1.0)
 
 
 def main(argv=None) -> None:

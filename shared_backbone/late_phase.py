@@ -71,6 +71,9 @@ class Diversity:
         weight: the term's weight against the cross-entropy (> 0).
         patch: the tile side in pixels of :func:`jigsaw` (14 on 28x28 images: 4 tiles).
         batch: how many of each batch's images become outliers (the first ``batch`` of it).
+        reach: where the term's gradient goes. ``"trunk"``: the stepping member's slice and the whole trunk.
+            ``"slice"``: its slice only; the stages no member owns then run once on the outliers, without
+            gradient, so the term costs a small part of a step, and the trunk learns from the data alone.
 
     The outliers run through the network in training mode, so BatchNorm's running statistics see them
     too; ``TrainConfig(precise_bn=...)`` re-estimates them on the data at the end (the main job's default).
@@ -78,8 +81,11 @@ class Diversity:
     weight: float = 1.0
     patch: int = 14
     batch: int = 16
+    reach: str = "trunk"
 
     def __post_init__(self) -> None:
+        if self.reach not in _REACHES:
+            raise ValueError(f"Diversity reach must be one of {', '.join(_REACHES)}, got {self.reach!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
                 math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(f"Diversity weight must be a finite number > 0, got {self.weight!r}")
@@ -111,11 +117,21 @@ class Diversity:
         """``weight`` x the mean probability that ``member`` and the others' mean pick the same class
         on jigsawed images of ``x`` (gradient through ``member`` only)."""
         outliers = _layout(jigsaw(x[:self.batch], self.patch, generator))
+        if self.reach == "slice":
+            with torch.no_grad():
+                h = model.prefix(outliers)
+                others = torch.stack([model.suffix(h, j).float().softmax(-1)
+                                      for j in range(model.members) if j != member]).mean(0)  # (n, C)
+            mine = model.suffix(h, member).float().softmax(-1)  # (n, C), gradient into the slice only
+            return self.weight * (mine * others).sum(-1).mean()
         with torch.no_grad():
             others = torch.stack([model(outliers, j).float().softmax(-1)
                                   for j in range(model.members) if j != member]).mean(0)  # (n, C)
         mine = model(outliers, member).float().softmax(-1)  # (n, C)
         return self.weight * (mine * others).sum(-1).mean()
+
+
+_REACHES = ("trunk", "slice")
 
 
 def _merge(trunk: torch.Tensor, learned: torch.Tensor, sl) -> torch.Tensor:
@@ -147,6 +163,9 @@ class LatePhase(nn.Module):
         super().__init__()
         start = Ensemble(FrozenBackbone.from_module(module), spec, members=members, member_init=member_init, seed=seed)
         self.spec, self.layout, self.members = spec, start.layout, members
+        stages = list(module.stages.keys())
+        first = min(stages.index(n.split(".")[1]) for n in start.layout)
+        self.prefix_stages, self.member_stages = stages[:first], stages[first:]
         self.trunk = copy.deepcopy(module)
         for p in self.trunk.parameters():
             p.requires_grad_(True)
@@ -162,6 +181,24 @@ class LatePhase(nn.Module):
 
     def forward(self, x: torch.Tensor, member: int) -> torch.Tensor:
         return functional_call(self.trunk, self.merged(member), (x,))  # (N, classes)
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's stages before the first one a member owns (the same for every member)."""
+        for s in self.prefix_stages:
+            x = self.trunk.stages[s](x)
+        return x
+
+    def suffix(self, h: torch.Tensor, member: int) -> torch.Tensor:
+        """Member ``member``'s stages on prefix features ``h``, with the trunk's tensors detached: a
+        gradient reaches only the member's slice. Shape: ``(N, ...) -> (N, classes)``."""
+        trunk = {n: p.detach() for n, p in self.trunk.named_parameters()}
+        mine = self.slices[member]
+        tensors = {**trunk, **{n: _merge(trunk[n], mine[_esc(n)], sl) for n, sl in self.layout.items()}}
+        for s in self.member_stages:
+            head = f"stages.{s}."
+            h = functional_call(self.trunk.stages[s],
+                                {n[len(head):]: t for n, t in tensors.items() if n.startswith(head)}, (h,))
+        return h
 
     def train_layout(self) -> "LatePhase":
         """Every 4-d weight in channels_last (with inputs in it too, oneDNN's and cuDNN's fast convs: on

@@ -226,6 +226,7 @@ def test_jigsaw_refuses_a_tile_that_does_not_fit(bad, match):
     ({"weight": True}, "weight must be a finite number > 0, got True"),
     ({"patch": 0}, "patch must be a positive integer, got 0"),
     ({"batch": 2.5}, "batch must be a positive integer, got 2.5"),
+    ({"reach": "head"}, "reach must be one of trunk, slice, got 'head'"),
 ])
 def test_a_bad_diversity_is_refused_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -235,7 +236,8 @@ def test_a_bad_diversity_is_refused_naming_the_value(kwargs, match):
 def test_diversity_parses_key_values_and_names_a_bad_one():
     assert late_phase.Diversity.parse(["weight=2", "patch=7"]) == late_phase.Diversity(2.0, 7, 16)
     assert late_phase.Diversity.parse([]) == late_phase.Diversity()
-    with pytest.raises(ValueError, match="KEY one of weight, patch, batch, got 'size=3'"):
+    assert late_phase.Diversity.parse(["reach=slice"]).reach == "slice"
+    with pytest.raises(ValueError, match="KEY one of weight, patch, batch, reach, got 'size=3'"):
         late_phase.Diversity.parse(["size=3"])
     with pytest.raises(ValueError, match="diversity patch='x': expected int"):
         late_phase.Diversity.parse(["patch=x"])
@@ -257,6 +259,20 @@ def test_the_diversity_term_is_the_agreement_of_one_member_with_the_others_mean(
     assert all(t.grad is None for i in (0, 2) for t in late.slices[i].values())
 
 
+def test_a_slice_reach_term_is_the_same_agreement_with_its_gradient_in_the_slice_only(tiny_resnet20):
+    late = LatePhase(tiny_resnet20, LAST_STAGE, members=3, member_init="random", seed=4).eval()
+    x = _data().x[:9]
+    loss = late_phase.Diversity(weight=2.0, patch=14, batch=5, reach="slice").loss(
+        late, x, 2, torch.Generator().manual_seed(3))
+    outliers = late_phase.jigsaw(x[:5], 14, torch.Generator().manual_seed(3))
+    p = [_plain_member(late.trunk, late, i).eval()(outliers).softmax(-1) for i in range(3)]
+    torch.testing.assert_close(loss, 2.0 * (p[2] * (p[0] + p[1]) / 2).sum(-1).mean(), rtol=1e-4, atol=1e-6)
+    loss.backward()
+    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in late.slices[2].values())
+    assert all(t.grad is None for i in (0, 1) for t in late.slices[i].values())
+    assert all(p.grad is None for p in late.trunk.parameters())  # the trunk learns from the data alone
+
+
 def test_training_with_the_diversity_term_makes_members_disagree_more_off_the_data(tiny_resnet20):
     data = _data(n=96)
     cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, augment=False)
@@ -273,7 +289,7 @@ def test_training_with_the_diversity_term_makes_members_disagree_more_off_the_da
 
     plain, _ = agreement(None)
     pushed, record = agreement(div)
-    assert record["diversity"] == {"weight": 5.0, "patch": 14, "batch": 32}
+    assert record["diversity"] == {"weight": 5.0, "patch": 14, "batch": 32, "reach": "trunk"}
     assert pushed < plain
 
 
@@ -294,7 +310,7 @@ def test_the_main_job_times_and_reports_the_diversity_term(tmp_path):
                        "--members", "2", "--width", "4", "--budget-epochs", "2", "--warm-start-epochs", "1",
                        "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--precise-bn", "1",
                        "--ood", "none", "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")])
-    assert report["diversity"] == report["train"]["diversity"] == {"weight": 2.0, "patch": 14, "batch": 8}
+    assert report["diversity"] == report["train"]["diversity"] == {"weight": 2.0, "patch": 14, "batch": 8, "reach": "trunk"}
 
 
 @pytest.mark.parametrize("argv, message", [
