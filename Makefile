@@ -21,8 +21,12 @@ data: $(FMNIST)
 $(FMNIST):
 	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist
 
+# the recipe measured best against one model at equal cost (docs/RESULTS.md, session 10): members on a trunk
+# that trains on from 2.5 of the 3 epochs, without label smoothing, made to disagree on 8 jigsawed images a step
+DEMO_RECIPE := --trunk joint --warm-start-epochs 2.5 --member-opt label_smoothing=0 --diversity batch=8
+
 demo: setup data
-	$(OFFLINE) $(VENV)/bin/shared-backbone train-ensemble --out runs/demo
+	$(OFFLINE) $(VENV)/bin/shared-backbone train-ensemble $(DEMO_RECIPE) --out runs/demo
 
 # the suite, then the wheel installed (not editable) into a fresh venv and run from another folder
 test: setup

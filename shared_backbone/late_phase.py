@@ -265,9 +265,15 @@ def check_diversity(diversity, members: int) -> None:
         raise ValueError(f"diversity makes members disagree: it needs K >= 2 members, got {members}")
 
 
+def _calibration_steps(guess: int) -> int:
+    """How many steps (after the first) are timed to size a phase of about ``guess`` steps."""
+    return max(1, min(20, guess // 4))
+
+
 def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: TensorData, config: TrainConfig, *,
                      member_init: str = "backbone", seed: int = 0, slice_lr_scale: float = 1.0,
-                     diversity: Diversity | None = None, progress: bool = True) -> tuple[Ensemble, dict]:
+                     diversity: Diversity | None = None, seconds: float | None = None,
+                     progress: bool = True) -> tuple[Ensemble, dict]:
     """Train K members' slices and the trunk under them, one member per step in turn; return the
     ensemble (trunk frozen at the end, precise BN per member when ``config.precise_bn``) and a record.
 
@@ -278,6 +284,9 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     on the same cosine: members that move further apart while the trunk anneals as one model's would.
     ``diversity``: a :class:`Diversity` term added to each step's loss (its outliers drawn from a
     generator seeded by ``config.seed``).
+    ``seconds``: a wall-clock budget for the phase's steps. Its first steps are timed in the loop (a step's
+    cost there, not a micro-benchmark's) and the phase's length, and its cosine, are then set so that it
+    ends within the budget; ``config``'s steps are only the first guess (later epochs may reshuffle the data).
     """
     if not (isinstance(slice_lr_scale, (int, float)) and math.isfinite(slice_lr_scale) and slice_lr_scale > 0):
         raise ValueError(f"slice_lr_scale must be a finite number > 0, got {slice_lr_scale!r}")
@@ -286,42 +295,63 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     if len(train) == 0:
         raise ValueError("the training set is empty: nothing to train on")
     check_diversity(diversity, members)
+    if seconds is not None and not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"seconds must be a finite number > 0 (the phase's wall-clock budget), got {seconds!r}")
     outliers = torch.Generator().manual_seed(config.seed * 100_003 + 7)
     model = LatePhase(module, spec, members, member_init=member_init, seed=seed)
     device = next(module.parameters()).device
     model.to(device).train_layout().train()
     opt = _sgd(model, config, slice_lr_scale)
     steps = _steps_per_epoch(len(train), config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps * config.epochs, config.schedule_from,
-                                                           config.schedule_to))
-    history, step, t0 = [], 0, time.perf_counter()
-    for epoch in range(config.epochs):
+    length = [steps * config.epochs]  # the phase's steps: the first guess, reset by the timing when seconds is given
+
+    def factor(s: int) -> float:  # the cosine over the phase's length as it stands at step s
+        return _cosine(length[0], config.schedule_from, config.schedule_to)(s)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if seconds is not None:  # epochs as long as the data allows: the timed length may need more than the guess
+        steps = _steps_per_epoch(len(train), TrainConfig.from_dict({**asdict(config), "max_steps_per_epoch": None}))
+    calibrate = _calibration_steps(length[0]) if seconds is not None else 0
+    history, step, epoch, t0 = [], 0, 0, time.perf_counter()
+    while step < length[0]:
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         loss_sum = correct = seen = 0.0
-        bar = tqdm(total=steps, desc=f"late phase {epoch + 1}/{config.epochs}", disable=None if progress else True)
+        bar = tqdm(total=min(steps, length[0] - step), desc=f"late phase {epoch + 1}",
+                   disable=None if progress else True)
         for i, (x, y) in enumerate(train.batches(config.batch_size, shuffle=True, generator=g, augment=config.augment)):
-            if i >= steps:
+            if i >= steps or step >= length[0]:
                 break
             x, y = x.to(device), y.to(device)
             logits = _step(model, opt, x, y, step % members, config.label_smoothing, diversity, outliers)
             sched.step()
             step += 1
+            if step == 1:
+                t1 = time.perf_counter()  # the first step (warm-up, allocations) is not timed
+            elif step == calibrate + 1:  # the steps' own cost, timed in the loop: as many as fit in the budget
+                per_step = (time.perf_counter() - t1) / calibrate
+                length[0] = max(step, math.floor((seconds - (time.perf_counter() - t0)) / per_step) + step)
+                bar.total = min(steps, length[0] - step + i + 1)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.update()
         bar.close()
+        epoch += 1
+        if seen == 0:  # an epoch without a batch would never end the phase
+            raise ValueError(f"the late phase got no batch in epoch {epoch} ({len(train)} images, batch size "
+                             f"{config.batch_size})")
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLoss(f"a late-phase weight became NaN or infinite in epoch {epoch + 1}; lower lr "
+            raise NonFiniteLoss(f"a late-phase weight became NaN or infinite in epoch {epoch}; lower lr "
                                 f"(now {config.lr})")
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                         "train_accuracy": correct / max(seen, 1)})
-    seconds = time.perf_counter() - t0
+    spent = time.perf_counter() - t0
     ens = model.to_ensemble()
     if config.precise_bn:
         recalibrate_bn(ens, train, config.precise_bn, config.batch_size, config.seed)
     return ens, {"config": asdict(config), "history": history,
-                 "train_seconds": seconds, "steps": step, "members_per_step": 1, "slice_lr_scale": slice_lr_scale,
+                 "train_seconds": spent, "seconds_budget": seconds, "steps": step, "members_per_step": 1,
+                 "slice_lr_scale": slice_lr_scale,
                  "diversity": asdict(diversity) if diversity is not None else None,
                  "steps_per_member": [len(range(i, step, members)) for i in range(members)]}

@@ -188,6 +188,18 @@ def _deep_cost(deep_members, vectorized, random_frozen, train, full_config, cloc
     return {"deep_members": deep_members, "deep_step_in_single_steps": t["deep"] / max(t["single"], 1e-12)}
 
 
+def _late_phase_seconds(plan: dict, warm_seconds: float, single_run) -> float | None:
+    """The joint trunk's wall-clock budget after its warm start: the single model's whole run less the warm
+    start when that run was the baseline (equal seconds, exactly), else the warm start's seconds a step times
+    the steps left. None without a budget or a warm start to time."""
+    budget, warm = plan["budget_single_steps"], plan["warm_steps"]
+    if budget is None or not warm or warm_seconds <= 0:
+        return None
+    if single_run is not None:
+        return max(single_run[1]["train_seconds"] - warm_seconds, 1e-3)
+    return (budget - warm) * warm_seconds / warm
+
+
 def _plan(train, config, full_config, warm_start_epochs, budget_epochs, schedule, timing) -> dict:
     """Steps of each part: warm start, members, the single-model budget; the members' config."""
     per_epoch = _steps_per_epoch(len(train), config)
@@ -342,10 +354,15 @@ def train_ensemble(spec: SliceSpec, *, members: int = 8, backbone: str = "resnet
         warm_seconds = time.perf_counter() - t0
     member_config = plan["member_config"]
     if trunk == "joint":  # the trunk goes on training under the members: frozen only at the end
+        seconds = _late_phase_seconds(plan, warm_seconds, single_run)
         ens, record = late_phase.train_late_phase(frozen.backbone, spec, members, train, member_config,
                                                   member_init=member_init, seed=seed,
                                                   slice_lr_scale=slice_lr_scale, diversity=diversity,
-                                                  progress=progress)
+                                                  seconds=seconds, progress=progress)
+        if seconds is not None:  # sized in the loop: the plan's count was its first guess
+            timing.update({"ensemble_steps": record["steps"], "timed_in": "loop",
+                           "ensemble_step_in_single_steps": (record["train_seconds"] / record["steps"])
+                           / (warm_seconds / plan["warm_steps"])})
         ens.vectorized, frozen = vectorized, ens.frozen
     else:
         ens = Ensemble(frozen, spec, members=members, member_init=member_init, seed=seed, data=data,
@@ -453,7 +470,8 @@ def _comparison(r: dict) -> list[str]:
     if len(sides) > 1:
         t = sides[1]["timing"]
         lines.append(f"equal cost: one ensemble step = {t['ensemble_step_in_single_steps']:.2f} single-model steps "
-                     f"(timed interleaved); budget {t['budget_single_steps']:,} single-model steps "
+                     f"(timed {'in the loop' if t.get('timed_in') == 'loop' else 'interleaved'}); "
+                     f"budget {t['budget_single_steps']:,} single-model steps "
                      f"= {t['warm_steps']:,} warm + {t['ensemble_steps']:,} x {t['ensemble_step_in_single_steps']:.2f}")
     return lines
 

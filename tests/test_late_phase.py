@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +116,56 @@ def test_train_late_phase_cycles_members_and_returns_an_ensemble_on_the_final_tr
     assert not torch.equal(out[0], out[1])
     # the input module is left as it was
     assert all(not p.requires_grad for p in ens.frozen.backbone.parameters())
+
+
+def test_a_seconds_budget_sizes_the_phase_from_its_own_timed_steps(tiny_resnet20, monkeypatch):
+    # a scripted clock: every step costs 0.5 s, nothing else takes time; a 10 s budget is 20 steps
+    # (the first guess, 2 epochs of 4, is 8), the cosine stretched to them and ending at 0
+    now = [0.0]
+    real_step = late_phase._step
+
+    def step(*args, **kwargs):
+        now[0] += 0.5
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(late_phase, "_step", step)
+    monkeypatch.setattr(late_phase.time, "perf_counter", lambda: now[0])
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, augment=False, max_steps_per_epoch=4)
+    lrs = []
+    real_sgd = late_phase._sgd
+
+    def sgd(*args, **kwargs):
+        opt = real_sgd(*args, **kwargs)
+        opt.register_step_post_hook(lambda o, *_: lrs.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(late_phase, "_sgd", sgd)
+    _, record = train_late_phase(tiny_resnet20, LAST_STAGE, 2, _data(n=64), cfg, seconds=10.0, progress=False)
+    assert record["steps"] == 20 and record["train_seconds"] == 10.0 and record["seconds_budget"] == 10.0
+    assert len(record["history"]) == 5  # epochs of the whole data (4 batches of 16) once the guess is passed
+    # from the first timed step on, the lr follows a cosine over 20 steps
+    assert lrs[-1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    with pytest.raises(ValueError, match="seconds must be a finite number > 0 .*, got -1"):
+        train_late_phase(tiny_resnet20, LAST_STAGE, 2, _data(n=64), cfg, seconds=-1, progress=False)
+
+
+def test_the_main_job_gives_the_joint_trunk_the_single_runs_seconds_left_after_the_warm_start(monkeypatch):
+    from shared_backbone import recipes
+    seen = {}
+    real = late_phase.train_late_phase
+
+    def spy(*args, seconds=None, **kwargs):
+        seen["seconds"] = seconds
+        return real(*args, seconds=seconds, **kwargs)
+
+    monkeypatch.setattr(recipes.late_phase, "train_late_phase", spy)
+    full, members = TrainConfig(epochs=1, batch_size=32), TrainConfig(epochs=1, batch_size=32, precise_bn=2)
+    _, r, _ = train_ensemble(LAST_STAGE, members=2, config=members, full_config=full, warm_start_epochs=1,
+                             budget_epochs=2, schedule="shared", trunk="joint", ood=None, **TINY)
+    assert seen["seconds"] == pytest.approx(r["baseline"]["train_seconds"] - r["warm_start_seconds"])
+    assert r["train"]["seconds_budget"] == seen["seconds"]
+    t = r["baseline"]["timing"]
+    assert t["timed_in"] == "loop" and t["ensemble_steps"] == r["train"]["steps"]
 
 
 def test_non_finite_loss_stops_the_late_phase(tiny_resnet20):
@@ -310,7 +361,8 @@ def test_the_main_job_times_and_reports_the_diversity_term(tmp_path):
                        "--members", "2", "--width", "4", "--budget-epochs", "2", "--warm-start-epochs", "1",
                        "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--precise-bn", "1",
                        "--ood", "none", "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")])
-    assert report["diversity"] == report["train"]["diversity"] == {"weight": 2.0, "patch": 14, "batch": 8, "reach": "trunk"}
+    assert report["diversity"] == report["train"]["diversity"] == {"weight": 2.0, "patch": 14, "batch": 8,
+                                                                   "reach": "trunk"}
 
 
 @pytest.mark.parametrize("argv, message", [
