@@ -284,9 +284,10 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
     on the same cosine: members that move further apart while the trunk anneals as one model's would.
     ``diversity``: a :class:`Diversity` term added to each step's loss (its outliers drawn from a
     generator seeded by ``config.seed``).
-    ``seconds``: a wall-clock budget for the phase's steps. Its first steps are timed in the loop (a step's
-    cost there, not a micro-benchmark's) and the phase's length, and its cosine, are then set so that it
-    ends within the budget; ``config``'s steps are only the first guess (later epochs may reshuffle the data).
+    ``seconds``: a wall-clock budget for the phase's steps. Its steps are timed in the loop (a step's cost
+    there, not a micro-benchmark's) and every few steps (up to 20) the phase's length, and its cosine, are
+    set from their mean so that it ends with the budget; ``config``'s steps are only the first guess (later
+    epochs may reshuffle the data).
     """
     if not (isinstance(slice_lr_scale, (int, float)) and math.isfinite(slice_lr_scale) and slice_lr_scale > 0):
         raise ValueError(f"slice_lr_scale must be a finite number > 0, got {slice_lr_scale!r}")
@@ -327,9 +328,10 @@ def train_late_phase(module: nn.Module, spec: SliceSpec, members: int, train: Te
             step += 1
             if step == 1:
                 t1 = time.perf_counter()  # the first step (warm-up, allocations) is not timed
-            elif step == calibrate + 1:  # the steps' own cost, timed in the loop: as many as fit in the budget
-                per_step = (time.perf_counter() - t1) / calibrate
-                length[0] = max(step, math.floor((seconds - (time.perf_counter() - t0)) / per_step) + step)
+            elif calibrate and (step - 1) % calibrate == 0:  # every `calibrate` steps, from the steps' own cost
+                now = time.perf_counter()  # timed in the loop so far: as many steps as fit in what is left
+                per_step = (now - t1) / (step - 1)
+                length[0] = max(step, math.floor((seconds - (now - t0)) / per_step) + step)
                 bar.total = min(steps, length[0] - step + i + 1)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()

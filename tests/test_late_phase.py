@@ -118,18 +118,24 @@ def test_train_late_phase_cycles_members_and_returns_an_ensemble_on_the_final_tr
     assert all(not p.requires_grad for p in ens.frozen.backbone.parameters())
 
 
-def test_a_seconds_budget_sizes_the_phase_from_its_own_timed_steps(tiny_resnet20, monkeypatch):
-    # a scripted clock: every step costs 0.5 s, nothing else takes time; a 10 s budget is 20 steps
-    # (the first guess, 2 epochs of 4, is 8), the cosine stretched to them and ending at 0
-    now = [0.0]
+def _scripted_clock(monkeypatch, cost):
+    """``time.perf_counter`` in late_phase advances only by ``cost(n)`` seconds at the n-th step."""
+    now, n = [0.0], [0]
     real_step = late_phase._step
 
     def step(*args, **kwargs):
-        now[0] += 0.5
+        now[0] += cost(n[0])
+        n[0] += 1
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(late_phase, "_step", step)
     monkeypatch.setattr(late_phase.time, "perf_counter", lambda: now[0])
+
+
+def test_a_seconds_budget_sizes_the_phase_from_its_own_timed_steps(tiny_resnet20, monkeypatch):
+    # every step costs 0.5 s, nothing else takes time: a 10 s budget is 20 steps (the first guess, 2 epochs
+    # of 4, is 8), the cosine stretched to them and ending at 0
+    _scripted_clock(monkeypatch, lambda n: 0.5)
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, augment=False, max_steps_per_epoch=4)
     lrs = []
     real_sgd = late_phase._sgd
@@ -143,10 +149,19 @@ def test_a_seconds_budget_sizes_the_phase_from_its_own_timed_steps(tiny_resnet20
     _, record = train_late_phase(tiny_resnet20, LAST_STAGE, 2, _data(n=64), cfg, seconds=10.0, progress=False)
     assert record["steps"] == 20 and record["train_seconds"] == 10.0 and record["seconds_budget"] == 10.0
     assert len(record["history"]) == 5  # epochs of the whole data (4 batches of 16) once the guess is passed
-    # from the first timed step on, the lr follows a cosine over 20 steps
+    # the lr follows a cosine over the 20 steps to its end
     assert lrs[-1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
     with pytest.raises(ValueError, match="seconds must be a finite number > 0 .*, got -1"):
         train_late_phase(tiny_resnet20, LAST_STAGE, 2, _data(n=64), cfg, seconds=-1, progress=False)
+
+
+def test_a_phase_whose_steps_slow_down_is_resized_to_end_with_its_budget(tiny_resnet20, monkeypatch):
+    # 0.25 s a step for the first 6 steps, then 1 s: sized once from its first steps it would run ~40 steps
+    # and 3x over; re-sized from the mean so far it ends within a step of the 12 s
+    _scripted_clock(monkeypatch, lambda n: 0.25 if n < 6 else 1.0)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, augment=False, max_steps_per_epoch=4)
+    _, record = train_late_phase(tiny_resnet20, LAST_STAGE, 2, _data(n=64), cfg, seconds=12.0, progress=False)
+    assert 11.0 <= record["train_seconds"] <= 13.0
 
 
 def test_the_main_job_gives_the_joint_trunk_the_single_runs_seconds_left_after_the_warm_start(monkeypatch):
