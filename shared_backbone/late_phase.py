@@ -63,6 +63,9 @@ def jigsaw(x: torch.Tensor, patch: int, generator: torch.Generator | None = None
     return out
 
 
+_REACHES = ("trunk", "slice")  # where a Diversity term's gradient goes
+
+
 @dataclass(frozen=True)
 class Diversity:
     """Members made to disagree on self-made outliers (see the module docstring).
@@ -131,9 +134,6 @@ class Diversity:
         return self.weight * (mine * others).sum(-1).mean()
 
 
-_REACHES = ("trunk", "slice")
-
-
 def _merge(trunk: torch.Tensor, learned: torch.Tensor, sl) -> torch.Tensor:
     """The member's full tensor: its learned rows, then the trunk's rest (which trains too, unlike
     :func:`._template.merge_param`'s frozen rest)."""
@@ -163,9 +163,7 @@ class LatePhase(nn.Module):
         super().__init__()
         start = Ensemble(FrozenBackbone.from_module(module), spec, members=members, member_init=member_init, seed=seed)
         self.spec, self.layout, self.members = spec, start.layout, members
-        stages = list(module.stages.keys())
-        first = min(stages.index(n.split(".")[1]) for n in start.layout)
-        self.prefix_stages, self.member_stages = stages[:first], stages[first:]
+        self.prefix_stages, self.member_stages = start.prefix_stages, start.member_stages  # shared data: run once
         self.trunk = copy.deepcopy(module)
         for p in self.trunk.parameters():
             p.requires_grad_(True)
